@@ -1,0 +1,266 @@
+"""The configuration schema: one dataclass per group, every default in exactly one place.
+
+Hydra composes `configs/` and `recipes/` on top of these dataclasses (registered with its ConfigStore),
+so a misspelt key or a value of the wrong type is refused while composing. `validate` then checks what
+types cannot express (ranges, choices, combinations) before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from qlora.errors import QLoRAError
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+QUANT_METHODS = ("nf4", "fp4", "int8", "none")
+DTYPES = ("bfloat16", "float16", "float32")
+DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    # dtype of the weights that stay unquantized (embeddings, norms, lm_head); "auto" reads config.json
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    revision: Optional[str] = None
+
+
+@dataclass
+class QuantizationConfig:
+    method: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    # uint8 for one GPU; a float dtype lets FSDP shard the 4-bit weights
+    quant_storage: str = "uint8"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: Optional[list[str]] = None
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    format: str = "auto"
+    max_length: int = 2048
+    # held-out rows for the exact-match check printed before and after training
+    heldout_path: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    # number of held-out prompts answered greedily before and after training (0 turns the check off)
+    exact_match_samples: int = 32
+    max_new_tokens: int = 16
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
+    max_steps: int = -1  # > 0 overrides epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    optim: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 500  # 0 saves only the final adapter
+    save_total_limit: int = 2
+    # refuse to write into a folder that already holds a run unless asked to
+    overwrite_output_dir: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    """Register the schema, the `asset` resolver and the recipes with Hydra (idempotent)."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", lambda relative: str(ASSETS_DIR / relative))
+    store = ConfigStore.instance()
+    store.store(name="schema", node=TrainConfig)
+    for recipe in sorted(recipes_dir().glob("*.yaml")):
+        store.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
+
+
+def configs_dir() -> Path:
+    return _shipped_dir("configs")
+
+
+def recipes_dir() -> Path:
+    return _shipped_dir("recipes")
+
+
+def _shipped_dir(name: str) -> Path:
+    # A wheel carries configs/ and recipes/ inside the package; a source checkout has them at its root.
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / name, package_dir.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise QLoRAError(f"the package's {name}/ folder is missing; reinstall qlora")
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """Turn Hydra's composed DictConfig into the typed TrainConfig, refusing unset required keys."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise QLoRAError(
+            f"required config value(s) not set: {', '.join(missing)}. "
+            f"Set them on the command line (e.g. {missing[0]}=...) or pick a recipe with +recipe=NAME."
+        )
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, TrainConfig)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Check ranges, choices and combinations; raise QLoRAError naming the key, value and fix."""
+    _choice("model.dtype", config.model.dtype, ("auto",) + DTYPES)
+    _validate_model_path(config.model.name_or_path)
+
+    q = config.quantization
+    _choice("quantization.method", q.method, QUANT_METHODS)
+    _choice("quantization.compute_dtype", q.compute_dtype, DTYPES)
+    _choice("quantization.quant_storage", q.quant_storage, ("uint8",) + DTYPES)
+    if q.double_quant and q.method not in ("nf4", "fp4"):
+        raise QLoRAError(
+            f"quantization.double_quant=true only applies to 4-bit quantization, but "
+            f"quantization.method={q.method}. Pick the quantization group instead "
+            f"(quantization={q.method}), or add quantization.double_quant=false."
+        )
+
+    lora = config.lora
+    _at_least("lora.r", lora.r, 1)
+    _at_least("lora.alpha", lora.alpha, 1)
+    if not 0.0 <= lora.dropout < 1.0:
+        raise QLoRAError(f"lora.dropout={lora.dropout} is out of range: use a value in [0, 1), e.g. 0.05.")
+    targets = lora.target_modules
+    if not (targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise QLoRAError(
+            f"lora.target_modules={targets!r} is not valid: use all-linear or a list of module names, "
+            f"e.g. lora.target_modules=[q_proj,v_proj]."
+        )
+
+    data = config.data
+    _choice("data.format", data.format, DATA_FORMATS)
+    _at_least("data.max_length", data.max_length, 8)
+    _validate_local_file("data.path", data.path)
+    if data.heldout_path is not None:
+        _validate_local_file("data.heldout_path", data.heldout_path)
+    _at_least("eval.exact_match_samples", config.eval.exact_match_samples, 0)
+    _at_least("eval.max_new_tokens", config.eval.max_new_tokens, 1)
+
+    t = config.training
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise QLoRAError(
+            f"nothing to train: training.max_steps={t.max_steps} and training.epochs={t.epochs}. "
+            f"Set training.max_steps to a positive number of steps or training.epochs above 0."
+        )
+    _at_least("training.batch_size", t.batch_size, 1)
+    _at_least("training.grad_accum", t.grad_accum, 1)
+    if not t.lr > 0:
+        raise QLoRAError(f"training.lr={t.lr} must be positive, e.g. training.lr=2e-4.")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise QLoRAError(f"training.warmup_ratio={t.warmup_ratio} is out of range: use a value in [0, 1).")
+    _at_least("training.weight_decay", t.weight_decay, 0)
+    _at_least("training.max_grad_norm", t.max_grad_norm, 0)
+    _choice("training.scheduler", t.scheduler, _scheduler_names())
+    _choice("training.optim", t.optim, _optimizer_names())
+    _at_least("training.logging_steps", t.logging_steps, 1)
+    _at_least("training.save_steps", t.save_steps, 0)
+    _at_least("training.save_total_limit", t.save_total_limit, 1)
+
+
+def as_plain_dict(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, for writing to the run folder."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise QLoRAError(f"{key}={value} is not supported. Allowed values: {', '.join(allowed)}.")
+
+
+def _at_least(key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise QLoRAError(f"{key}={value} is out of range: it must be at least {minimum}.")
+
+
+# A hub id is "name" or "org/name"; anything else (./x, /x, ~/x, a/b/c, x.jsonl) is a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def _looks_local(path: str) -> bool:
+    return not _HUB_ID.match(path) or Path(path).expanduser().exists()
+
+
+def _validate_model_path(path: str) -> None:
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise QLoRAError(
+            f"model.name_or_path={path} does not exist: give a local model folder (with config.json) "
+            f"or a Hub id such as meta-llama/Llama-2-7b-hf."
+        )
+
+
+def _validate_local_file(key: str, path: str) -> None:
+    is_file_path = path.endswith(_DATA_SUFFIXES) or _looks_local(path)
+    if is_file_path and not Path(path).expanduser().exists():
+        raise QLoRAError(
+            f"{key}={path} does not exist. Give an existing .jsonl/.json/.parquet/.csv file "
+            f"(relative paths are read from the folder you run in) or a Hub dataset id."
+        )
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+def _optimizer_names() -> tuple[str, ...]:
+    from transformers.training_args import OptimizerNames
+
+    return tuple(o.value for o in OptimizerNames)
+
+
+def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. 'lora.r' (for docs and tests)."""
+    keys = []
+    for f in fields(node):
+        value = getattr(node, f.name)
+        keys += _dataclass_keys(value, f"{prefix}{f.name}.") if is_dataclass(value) else [prefix + f.name]
+    return keys
+
+
+def schema_keys() -> list[str]:
+    return _dataclass_keys(TrainConfig())

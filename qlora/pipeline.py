@@ -1,0 +1,128 @@
+"""The training run: the ordered stages over one config, each timed and logged.
+
+    run folder -> tokenizer -> data -> quantized model -> k-bit preparation -> LoRA adapters
+    -> held-out check -> SFTTrainer.train -> save adapter -> held-out check -> summary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+from accelerate import PartialState
+from transformers import set_seed
+
+from qlora.config import TrainConfig
+from qlora.data import load_sft_dataset
+from qlora.stages.adapters import attach_lora
+from qlora.stages.artifacts import prepare_run_dir, save_adapter
+from qlora.stages.heldout import ExactMatch, exact_match
+from qlora.stages.model import load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.trainer import build_trainer, peak_memory_gib
+
+log = logging.getLogger("qlora")
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    adapter_dir: str
+    train_loss_first: Optional[float] = None
+    train_loss_last: Optional[float] = None
+    exact_match_before: Optional[float] = None
+    exact_match_after: Optional[float] = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_training(config: TrainConfig) -> RunSummary:
+    state = PartialState()
+    run_dir = Path(config.training.output_dir).expanduser()
+    if state.is_main_process:
+        run_dir = prepare_run_dir(config)
+        _log_to_file(run_dir / "train.log")
+    state.wait_for_everyone()
+    seconds: dict[str, float] = {}
+    set_seed(config.training.seed)  # LoRA's initial weights come from this seed
+
+    with stage("tokenizer", seconds):
+        tokenizer = load_tokenizer(config.model)
+    with stage("data", seconds):
+        train_dataset = load_sft_dataset(config.data.path, config.data.format)
+        heldout = _heldout_examples(config)
+    with stage("quantized model", seconds):
+        model = load_quantized_model(config.model, config.quantization, state.device)
+    with stage("k-bit preparation", seconds):
+        model = prepare_for_kbit_training(model, config.training.gradient_checkpointing)
+    with stage("LoRA adapters", seconds):
+        model = attach_lora(model, config.lora)
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    before = after = None
+    if heldout is not None:
+        with stage("held-out check (before)", seconds):
+            before = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
+        _log_exact_match("before training", before)
+    with stage("trainer", seconds):
+        trainer = build_trainer(config, model, tokenizer, train_dataset, run_dir)
+    with stage("train", seconds):
+        trainer.train()
+    with stage("save adapter", seconds):
+        adapter_dir = run_dir / "adapter"
+        if state.is_main_process:
+            save_adapter(trainer.model, tokenizer, run_dir)
+    if heldout is not None:
+        with stage("held-out check (after)", seconds):
+            after = exact_match(trainer.model, tokenizer, heldout, config.eval.max_new_tokens)
+        _log_exact_match("after training", after)
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        adapter_dir=str(adapter_dir),
+        train_loss_first=losses[0] if losses else None,
+        train_loss_last=losses[-1] if losses else None,
+        exact_match_before=before.accuracy if before else None,
+        exact_match_after=after.accuracy if after else None,
+        stage_seconds=seconds,
+    )
+    if state.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        log.info("training loss %.4f -> %.4f; adapter saved to %s", summary.train_loss_first or float("nan"),
+                 summary.train_loss_last or float("nan"), adapter_dir)
+    return summary
+
+
+@contextmanager
+def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Time a stage and log its wall time and peak memory so far."""
+    start = time.perf_counter()
+    yield
+    seconds[name] = round(time.perf_counter() - start, 3)
+    log.info("stage %-24s %7.1f s   peak memory %.2f GiB", name, seconds[name], peak_memory_gib())
+
+
+def _heldout_examples(config: TrainConfig) -> datasets.Dataset | None:
+    samples = config.eval.exact_match_samples
+    if config.data.heldout_path is None or samples == 0:
+        return None
+    heldout = load_sft_dataset(config.data.heldout_path, config.data.format)
+    return heldout.select(range(min(samples, len(heldout))))
+
+
+def _log_exact_match(when: str, result: ExactMatch) -> None:
+    log.info("held-out exact match %s: %d/%d (%.0f%%)", when, result.correct, result.total, 100 * result.accuracy)
+    for _, expected, answer in result.samples:
+        log.info("    expected %r, model said %r", expected, answer.strip())
+
+
+def _log_to_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)

@@ -1,0 +1,1 @@
+"""The training pipeline's stages, each a small function with one job (see qlora.pipeline)."""

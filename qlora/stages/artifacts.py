@@ -1,0 +1,80 @@
+"""The run folder: created before anything is loaded, never over an earlier run's outputs."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from qlora.config import TrainConfig, as_plain_dict
+from qlora.errors import QLoRAError
+
+PACKAGES = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "hydra-core")
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    """Create the run folder and write the resolved config and environment into it."""
+    run_dir = Path(config.training.output_dir).expanduser()
+    if run_dir.exists() and any(run_dir.iterdir()) and not config.training.overwrite_output_dir:
+        raise QLoRAError(
+            f"training.output_dir={run_dir} already holds files from an earlier run; refusing to write over "
+            f"them. Choose another training.output_dir, or set training.overwrite_output_dir=true."
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise QLoRAError(f"cannot create training.output_dir={run_dir}: {error}") from error
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(as_plain_dict(config), sort_keys=False))
+    (run_dir / "environment.json").write_text(json.dumps(describe_environment(), indent=2) + "\n")
+    return run_dir
+
+
+def describe_environment() -> dict:
+    """What it takes to reproduce the run: the command, package versions and git revision."""
+    return {
+        "command": [Path(sys.executable).name, "-m", "qlora.train", *sys.argv[1:]],
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "git_revision": _git_revision(),
+    }
+
+
+def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+    """Save the adapter (peft format) and tokenizer to run_dir/adapter, atomically.
+
+    Written to a temporary folder first and renamed, so a crash mid-save never leaves a folder named
+    `adapter` that is incomplete.
+    """
+    final, partial = run_dir / "adapter", run_dir / "adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if final.exists():  # only with training.overwrite_output_dir=true
+        shutil.rmtree(final)
+    partial.rename(final)
+    return final
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,83 @@
+"""Load the tokenizer and the quantized base model, and prepare it for k-bit training."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from qlora.config import ModelConfig, QuantizationConfig
+from qlora.errors import QLoRAError
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except OSError as error:
+        raise QLoRAError(
+            f"could not load the tokenizer of model.name_or_path={model.name_or_path}: it is neither a "
+            f"local model folder nor reachable on the Hugging Face Hub (offline, gated without a token, "
+            f"or misspelt). Details: {error}"
+        ) from error
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        # Padding with EOS would teach the model nothing wrong (padding is masked), but it makes EOS
+        # ambiguous in batches; UNK is never a real target.
+        tokenizer.pad_token = tokenizer.unk_token
+        log.info("tokenizer has no pad token: padding with its unk token %r", tokenizer.unk_token)
+    return tokenizer
+
+
+def build_bnb_config(quantization: QuantizationConfig) -> BitsAndBytesConfig | None:
+    """The BitsAndBytesConfig for the quantization group, or None for quantization.method=none."""
+    if quantization.method == "none":
+        return None
+    if quantization.method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.method,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quantization.quant_storage),
+    )
+
+
+def load_quantized_model(
+    model: ModelConfig, quantization: QuantizationConfig, device: torch.device
+) -> PreTrainedModel:
+    """Load the base model, quantizing while loading, entirely onto this process's device.
+
+    Under `accelerate launch` every process passes its own device, so each holds a full copy (DDP);
+    device_map="auto" would instead spread one copy over all GPUs.
+    """
+    if model.trust_remote_code:
+        log.warning("model.trust_remote_code=true: running code shipped with %s", model.name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model.name_or_path,
+            revision=model.revision,
+            quantization_config=build_bnb_config(quantization),
+            dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
+            device_map={"": device},
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+        )
+    except OSError as error:
+        raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: {error}") from error
+
+
+def prepare_for_kbit_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """peft's k-bit preparation: freeze the base, upcast norms, make inputs require grad."""
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        # the non-reentrant variant works with DDP and with frozen inputs
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )

@@ -1,0 +1,99 @@
+"""Build TRL's SFTTrainer from the training group, and log metrics to metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from qlora.config import TrainConfig
+
+
+def build_sft_config(config: TrainConfig, checkpoints_dir: Path) -> SFTConfig:
+    t = config.training
+    compute_dtype = config.quantization.compute_dtype
+    return SFTConfig(
+        output_dir=str(checkpoints_dir),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        # mixed precision follows the dtype the 4-bit matmuls compute in
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        max_length=config.data.max_length,
+        report_to="none",
+    )
+
+
+def build_trainer(
+    config: TrainConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    run_dir: Path,
+) -> SFTTrainer:
+    return SFTTrainer(
+        model=model,
+        args=build_sft_config(config, run_dir / "checkpoints"),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+    )
+
+
+class MetricsFile(TrainerCallback):
+    """Append each logged step to metrics.jsonl: loss, lr, grad norm, tokens/s and peak memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
+        elapsed = now - self._last_time
+        record = {
+            "step": state.global_step,
+            "epoch": logs.get("epoch"),
+            "loss": logs["loss"],
+            "lr": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_per_s": (tokens - self._last_tokens) / elapsed if elapsed > 0 else None,
+            "peak_memory_gib": peak_memory_gib(),
+        }
+        self._last_time, self._last_tokens = now, tokens
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
