@@ -112,6 +112,28 @@ def register_configs() -> None:
         store.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
 
 
+DEFAULT_RECIPE = "tiny"
+
+
+def with_default_recipe(overrides: list[str]) -> list[str]:
+    """The overrides, plus +recipe=tiny when they pick no recipe: the embedded default run."""
+    if any(arg.lstrip("+~").startswith("recipe=") for arg in overrides):
+        return list(overrides)
+    return [*overrides, f"+recipe={DEFAULT_RECIPE}"]
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """Compose and validate a config exactly as `python -m qlora.train OVERRIDES` does."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(str(configs_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=with_default_recipe(overrides))
+    config = to_train_config(cfg)
+    validate(config)
+    return config
+
+
 def configs_dir() -> Path:
     return _shipped_dir("configs")
 

@@ -11,11 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from qlora.config import configs_dir, register_configs, to_train_config, validate
+from qlora.config import configs_dir, register_configs, to_train_config, validate, with_default_recipe
 from qlora.errors import QLoRAError
-
-DEFAULT_RECIPE = "tiny"
-
 
 def train(cfg: DictConfig) -> None:
     try:
@@ -31,8 +28,7 @@ def train(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    if not any(arg.lstrip("+~").startswith("recipe=") for arg in sys.argv[1:]):
-        sys.argv.append(f"+recipe={DEFAULT_RECIPE}")
+    sys.argv[1:] = with_default_recipe(sys.argv[1:])
     hydra.main(config_path=str(configs_dir()), config_name="train", version_base="1.3")(train)()
 
 

@@ -55,13 +55,21 @@ def build_trainer(
     train_dataset: datasets.Dataset,
     run_dir: Path,
 ) -> SFTTrainer:
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=build_sft_config(config, run_dir / "checkpoints"),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
     )
+    # TRL casts the adapters of a quantized model to bf16 (the QLoRA paper's choice for bf16 compute).
+    # With float32 compute (the CPU) keep them in float32: bf16 weights would drop small updates and
+    # compute the adapters less precisely than the reloaded adapter does.
+    if config.quantization.compute_dtype == "float32":
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
 
 
 class MetricsFile(TrainerCallback):
@@ -71,6 +79,11 @@ class MetricsFile(TrainerCallback):
         self.path = path
         self._last_time = time.perf_counter()
         self._last_tokens = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.path.write_text("")  # a fresh file, also under training.overwrite_output_dir=true
+        self._last_time = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:

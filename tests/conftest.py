@@ -1,0 +1,34 @@
+"""Shared fixtures: configs composed exactly as the CLI composes them, written into tmp folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from qlora.config import TrainConfig, compose_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Callable[..., TrainConfig]:
+    """compose_config for the tiny recipe, writing its run folder under tmp_path."""
+
+    def make(*overrides: str) -> TrainConfig:
+        return compose_config([f"training.output_dir={tmp_path / 'run'}", *overrides])
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `python -m qlora.train ARGS` as a user types it, from `cwd`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "qlora.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )

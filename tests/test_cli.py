@@ -1,0 +1,61 @@
+"""`python -m qlora.train` run as a user types it, from a folder outside the repository."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+
+def test_tiny_recipe_trains_end_to_end(tmp_path):
+    result = run_cli("+recipe=tiny", "training.output_dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "train.log",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.2 * losses[0]  # it visibly learns
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exact_match_before"] == 0.0 and summary["exact_match_after"] >= 0.9
+    assert "held-out exact match before training: 0/32" in result.stdout
+    assert "held-out exact match after training" in result.stdout
+
+
+def test_cfg_job_prints_the_composed_llama7b_recipe(tmp_path):
+    result = run_cli("+recipe=llama7b", "lora.r=8", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["name_or_path"] == "meta-llama/Llama-2-7b-hf"
+    assert config["quantization"]["method"] == "nf4" and config["lora"]["r"] == 8
+    assert config["training"]["optim"] == "paged_adamw_8bit"
+
+
+def test_no_recipe_runs_the_tiny_recipe(tmp_path):
+    default = run_cli("--cfg", "job", cwd=tmp_path)
+    tiny = run_cli("+recipe=tiny", "--cfg", "job", cwd=tmp_path)
+    assert default.returncode == 0 and default.stdout == tiny.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["+recipe=nope"], ["Could not find 'recipe/nope'", "Available options in 'recipe'", "llama7b", "tiny"]),
+        (["lora.rank=8"], ["lora.rank", "Key 'rank' not in 'LoraConfig'"]),
+        (["lora.r=zero"], ["lora.r=zero", "could not be converted to Integer"]),
+        (["lora.r=0"], ["lora.r=0 is out of range"]),
+        (["lora.dropout=1.5"], ["lora.dropout=1.5 is out of range"]),
+        (["training.lr=-1"], ["training.lr=-1.0 must be positive"]),
+        (["quantization.method=int8"], ["quantization.double_quant=true only applies to 4-bit"]),
+        (["data.path=missing.jsonl"], ["data.path=missing.jsonl does not exist"]),
+        (["model.name_or_path=./no/such/model"], ["model.name_or_path=./no/such/model does not exist"]),
+    ],
+)
+def test_bad_input_fails_early_without_traceback(tmp_path, args, expected):
+    result = run_cli(*args, "training.output_dir=run", cwd=tmp_path)
+    assert result.returncode != 0
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written or loaded

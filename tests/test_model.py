@@ -1,0 +1,58 @@
+"""Loading stages on the tiny model: real bitsandbytes layers, frozen base, trainable LoRA."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from qlora.config import QuantizationConfig
+from qlora.stages.adapters import attach_lora
+from qlora.stages.model import build_bnb_config, load_quantized_model, load_tokenizer, prepare_for_kbit_training
+
+CPU = torch.device("cpu")
+
+
+def test_nf4_double_quant_layers(tiny_config):
+    config = tiny_config()
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.quant_state.quant_type == "nf4"
+    assert q_proj.weight.quant_state.nested  # double quantization
+    assert q_proj.weight.dtype == torch.uint8
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # the head stays in full precision
+
+
+def test_int8_layers(tiny_config):
+    config = tiny_config("quantization=int8")
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_bnb_config_for_4bit(method):
+    bnb_config = build_bnb_config(QuantizationConfig(method=method, double_quant=False, compute_dtype="float16"))
+    assert bnb_config.load_in_4bit and bnb_config.bnb_4bit_quant_type == method
+    assert not bnb_config.bnb_4bit_use_double_quant
+    assert bnb_config.bnb_4bit_compute_dtype == torch.float16
+
+
+def test_no_quantization():
+    assert build_bnb_config(QuantizationConfig(method="none", double_quant=False)) is None
+
+
+def test_only_lora_parameters_train(tiny_config):
+    config = tiny_config("lora.r=4")
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    model = attach_lora(prepare_for_kbit_training(model, gradient_checkpointing=True), config.lora)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    # all-linear: every projection of every layer, not the output head
+    assert len(trainable) == 2 * 7 * model.config.num_hidden_layers
+    assert model.peft_config["default"].r == 4
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 4
+
+
+def test_missing_hub_model_is_a_clear_error(tiny_config):
+    config = tiny_config("model.name_or_path=no-such-org/no-such-model")
+    with pytest.raises(Exception, match="model.name_or_path=no-such-org/no-such-model"):
+        load_tokenizer(config.model)
