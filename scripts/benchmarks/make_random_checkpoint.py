@@ -1,0 +1,48 @@
+"""Write a randomly initialised checkpoint of a real architecture, for GPU runs without downloads.
+
+    python scripts/benchmarks/make_random_checkpoint.py llama2-7b /tmp/llama2-7b
+
+Built on the GPU in bf16 and saved as sharded safetensors, with the shipped tiny tokenizer (its ids
+fit every vocabulary here). Speed and memory do not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from qlora.config import ASSETS_DIR
+
+ARCHITECTURES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5, rope_theta=10000.0),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_theta=500000.0),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("architecture", choices=sorted(ARCHITECTURES))
+    parser.add_argument("output_dir")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny-llama")
+    config = LlamaConfig(**ARCHITECTURES[args.architecture], bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(args.output_dir, max_shard_size="5GB")
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"{args.architecture}: {model.num_parameters() / 1e9:.2f}B parameters written to {args.output_dir} "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
