@@ -102,12 +102,22 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class QuantizeConfig:
+    """`python -m qlora.quantize`: save a base model quantized once, to fine-tune many times."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    output_dir: str = MISSING
+
+
 def register_configs() -> None:
     """Register the schema, the `asset` resolver and the recipes with Hydra (idempotent)."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda relative: str(ASSETS_DIR / relative))
     store = ConfigStore.instance()
     store.store(name="schema", node=TrainConfig)
+    store.store(name="quantize_schema", node=QuantizeConfig)
     for recipe in sorted(recipes_dir().glob("*.yaml")):
         store.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
 
@@ -129,7 +139,7 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     register_configs()
     with initialize_config_dir(str(configs_dir()), version_base="1.3"):
         cfg = compose("train", overrides=with_default_recipe(overrides))
-    config = to_train_config(cfg)
+    config = typed_config(cfg)
     validate(config)
     return config
 
@@ -151,34 +161,21 @@ def _shipped_dir(name: str) -> Path:
     raise QLoRAError(f"the package's {name}/ folder is missing; reinstall qlora")
 
 
-def to_train_config(cfg: Any) -> TrainConfig:
-    """Turn Hydra's composed DictConfig into the typed TrainConfig, refusing unset required keys."""
+def typed_config(cfg: Any) -> Any:
+    """Turn Hydra's composed DictConfig into its typed dataclass, refusing unset required keys."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise QLoRAError(
             f"required config value(s) not set: {', '.join(missing)}. "
-            f"Set them on the command line (e.g. {missing[0]}=...) or pick a recipe with +recipe=NAME."
+            f"Set them on the command line, e.g. {missing[0]}=..."
         )
-    config = OmegaConf.to_object(cfg)
-    assert isinstance(config, TrainConfig)
-    return config
+    return OmegaConf.to_object(cfg)
 
 
 def validate(config: TrainConfig) -> None:
     """Check ranges, choices and combinations; raise QLoRAError naming the key, value and fix."""
-    _choice("model.dtype", config.model.dtype, ("auto",) + DTYPES)
-    _validate_model_path(config.model.name_or_path)
-
-    q = config.quantization
-    _choice("quantization.method", q.method, QUANT_METHODS)
-    _choice("quantization.compute_dtype", q.compute_dtype, DTYPES)
-    _choice("quantization.quant_storage", q.quant_storage, ("uint8",) + DTYPES)
-    if q.double_quant and q.method not in ("nf4", "fp4"):
-        raise QLoRAError(
-            f"quantization.double_quant=true only applies to 4-bit quantization, but "
-            f"quantization.method={q.method}. Pick the quantization group instead "
-            f"(quantization={q.method}), or add quantization.double_quant=false."
-        )
+    validate_model(config.model)
+    validate_quantization(config.quantization)
 
     lora = config.lora
     _at_least("lora.r", lora.r, 1)
@@ -220,6 +217,23 @@ def validate(config: TrainConfig) -> None:
     _at_least("training.logging_steps", t.logging_steps, 1)
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
+
+
+def validate_model(model: ModelConfig) -> None:
+    _choice("model.dtype", model.dtype, ("auto",) + DTYPES)
+    _validate_model_path(model.name_or_path)
+
+
+def validate_quantization(q: QuantizationConfig) -> None:
+    _choice("quantization.method", q.method, QUANT_METHODS)
+    _choice("quantization.compute_dtype", q.compute_dtype, DTYPES)
+    _choice("quantization.quant_storage", q.quant_storage, ("uint8",) + DTYPES)
+    if q.double_quant and q.method not in ("nf4", "fp4"):
+        raise QLoRAError(
+            f"quantization.double_quant=true only applies to 4-bit quantization, but "
+            f"quantization.method={q.method}. Pick the quantization group instead "
+            f"(quantization={q.method}), or add quantization.double_quant=false."
+        )
 
 
 def as_plain_dict(config: TrainConfig) -> dict[str, Any]:

@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from qlora.config import configs_dir, register_configs, to_train_config, validate, with_default_recipe
-from qlora.errors import QLoRAError
+from qlora.cli import run_hydra_command
+from qlora.config import typed_config, validate, with_default_recipe
+
 
 def train(cfg: DictConfig) -> None:
-    try:
-        config = to_train_config(cfg)
-        validate(config)
-        from qlora.pipeline import run_training  # heavy imports only after the config is known good
+    config = typed_config(cfg)
+    validate(config)
+    from qlora.pipeline import run_training  # heavy imports only after the config is known good
 
-        run_training(config)
-    except QLoRAError as error:
-        print(f"qlora: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_training(config)
 
 
 def main() -> None:
-    register_configs()
     sys.argv[1:] = with_default_recipe(sys.argv[1:])
-    hydra.main(config_path=str(configs_dir()), config_name="train", version_base="1.3")(train)()
+    run_hydra_command("train", train)
 
 
 if __name__ == "__main__":

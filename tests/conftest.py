@@ -26,9 +26,9 @@ def tiny_config(tmp_path: Path) -> Callable[..., TrainConfig]:
     return make
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `python -m qlora.train ARGS` as a user types it, from `cwd`."""
+def run_cli(*args: str, cwd: Path, command: str = "qlora.train") -> subprocess.CompletedProcess:
+    """Run `python -m COMMAND ARGS` as a user types it, from `cwd`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "qlora.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )

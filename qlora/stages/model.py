@@ -6,7 +6,7 @@ import logging
 
 import torch
 from peft import prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
 from qlora.config import ModelConfig, QuantizationConfig
@@ -59,18 +59,71 @@ def load_quantized_model(
     """
     if model.trust_remote_code:
         log.warning("model.trust_remote_code=true: running code shipped with %s", model.name_or_path)
+    saved = saved_quantization(model)
+    if saved is not None:
+        # transformers loads a pre-quantized checkpoint with its own quantization_config and ignores
+        # the one passed in; say which of the user's settings that overrides.
+        log.info("%s is already quantized (%s): loading it without re-quantizing", model.name_or_path,
+                 describe_quantization(saved))
+        for conflict in quantization_conflicts(saved, quantization):
+            log.warning("%s; the checkpoint's setting is used", conflict)
+    # A pre-quantized checkpoint must not even see quantization_config=None: transformers would then
+    # load its packed 4-bit tensors as if they were plain weights.
+    quantization_kwargs = {} if saved is not None else {"quantization_config": build_bnb_config(quantization)}
     try:
         return AutoModelForCausalLM.from_pretrained(
             model.name_or_path,
             revision=model.revision,
-            quantization_config=build_bnb_config(quantization),
             dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
             device_map={"": device},
             attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,
+            **quantization_kwargs,
         )
     except OSError as error:
         raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: {error}") from error
+
+
+def saved_quantization(model: ModelConfig) -> QuantizationConfig | None:
+    """The quantization a pre-quantized bitsandbytes checkpoint was saved with, or None."""
+    config = AutoConfig.from_pretrained(
+        model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+    )
+    saved = getattr(config, "quantization_config", None)
+    if saved is None:
+        return None
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    if saved.get("quant_method") != "bitsandbytes":
+        raise QLoRAError(
+            f"model.name_or_path={model.name_or_path} is quantized with {saved.get('quant_method')}; qlora "
+            f"trains on bitsandbytes 4-bit or 8-bit bases. Use the unquantized model instead."
+        )
+    if saved.get("load_in_8bit"):
+        return QuantizationConfig(method="int8", double_quant=False)
+    return QuantizationConfig(
+        method=saved["bnb_4bit_quant_type"],
+        double_quant=saved["bnb_4bit_use_double_quant"],
+        compute_dtype=str(saved["bnb_4bit_compute_dtype"]).removeprefix("torch."),
+        quant_storage=str(saved["bnb_4bit_quant_storage"]).removeprefix("torch."),
+    )
+
+
+def quantization_conflicts(saved: QuantizationConfig, requested: QuantizationConfig) -> list[str]:
+    """The requested quantization settings that differ from a pre-quantized checkpoint's."""
+    if requested.method == "none":
+        return [f"quantization.method=none, but the checkpoint is quantized ({describe_quantization(saved)})"]
+    return [
+        f"quantization.{key}={getattr(requested, key)} differs from the checkpoint's {getattr(saved, key)}"
+        for key in ("method", "double_quant", "compute_dtype", "quant_storage")
+        if getattr(requested, key) != getattr(saved, key) and not (saved.method == "int8" and key != "method")
+    ]
+
+
+def describe_quantization(quantization: QuantizationConfig) -> str:
+    if quantization.method in ("int8", "none"):
+        return quantization.method
+    double = " + double quant" if quantization.double_quant else ""
+    return f"{quantization.method}{double}, {quantization.compute_dtype} compute"
 
 
 def prepare_for_kbit_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
