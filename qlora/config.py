@@ -111,6 +111,19 @@ class QuantizeConfig:
     output_dir: str = MISSING
 
 
+@dataclass
+class MergeConfig:
+    """`python -m qlora.merge`: fold an adapter into its base model and save a plain checkpoint."""
+
+    run: Optional[str] = None  # a training run folder: its adapter/ and config.yaml
+    adapter: Optional[str] = None  # or an adapter folder directly
+    base: Optional[str] = None  # the base model; default: the run's, or the adapter's base_model_name_or_path
+    output_dir: Optional[str] = None  # default: <run>/merged
+    dtype: str = "bfloat16"
+    from_dequantized: bool = False  # merge into the dequantized 4-bit weights the adapter was trained on
+    max_shard_size: str = "5GB"
+
+
 def register_configs() -> None:
     """Register the schema, the `asset` resolver and the recipes with Hydra (idempotent)."""
     if not OmegaConf.has_resolver("asset"):
@@ -118,6 +131,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="schema", node=TrainConfig)
     store.store(name="quantize_schema", node=QuantizeConfig)
+    store.store(name="merge_schema", node=MergeConfig)
     for recipe in sorted(recipes_dir().glob("*.yaml")):
         store.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
 
