@@ -124,6 +124,29 @@ class MergeConfig:
     max_shard_size: str = "5GB"
 
 
+@dataclass
+class GenerateConfig:
+    """`python -m qlora.generate`: answer prompts with the base model + a trained adapter."""
+
+    run: Optional[str] = None  # a training run folder
+    adapter: Optional[str] = None  # or an adapter folder directly
+    base: Optional[str] = None  # the base model; default: the run's, or the adapter's
+    prompt: Optional[str] = None  # one prompt, answered and printed
+    chat: bool = False  # an interactive conversation on the terminal
+    input_file: Optional[str] = None  # a jsonl of prompts (prompt, instruction/input or messages rows)
+    output_file: Optional[str] = None  # where input_file's answers go (default: <input>.generated.jsonl)
+    # how a prompt is wrapped: auto (as in training), raw, alpaca, or chat (the tokenizer's template)
+    template: str = "auto"
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 decodes greedily
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    stream: bool = True
+    batch_size: int = 8
+    seed: int = 42
+
+
 def register_configs() -> None:
     """Register the schema, the `asset` resolver and the recipes with Hydra (idempotent)."""
     if not OmegaConf.has_resolver("asset"):
@@ -132,6 +155,7 @@ def register_configs() -> None:
     store.store(name="schema", node=TrainConfig)
     store.store(name="quantize_schema", node=QuantizeConfig)
     store.store(name="merge_schema", node=MergeConfig)
+    store.store(name="generate_schema", node=GenerateConfig)
     for recipe in sorted(recipes_dir().glob("*.yaml")):
         store.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
 

@@ -9,21 +9,20 @@ adapter was trained against, and reports how far those weights are from the orig
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from qlora.cli import run_hydra_command
-from qlora.config import MergeConfig, ModelConfig, TrainConfig, typed_config
+from qlora.config import MergeConfig, typed_config
 from qlora.errors import QLoRAError
+from qlora.runs import find_adapter, load_run_config
 
 log = logging.getLogger("qlora")
 
@@ -36,7 +35,7 @@ class MergeResult:
 
 
 def merge(config: MergeConfig) -> MergeResult:
-    adapter_dir, base = _adapter_and_base(config)
+    adapter_dir, base = find_adapter(config.run, config.adapter, config.base)
     output = Path(config.output_dir or Path(config.run or adapter_dir.parent) / "merged").expanduser()
     if output.exists():
         raise QLoRAError(f"output_dir={output} already exists; refusing to write over it. Choose another output_dir.")
@@ -46,7 +45,9 @@ def merge(config: MergeConfig) -> MergeResult:
     if config.from_dequantized:
         from qlora.stages.model import load_quantized_model
 
-        run = _run_config(config)
+        if config.run is None:
+            raise QLoRAError("from_dequantized=true needs run=outputs/<run>: its config says how the base was quantized.")
+        run = load_run_config(config.run)
         quantized = load_quantized_model(base, run.quantization, device)
         model = quantized.dequantize(dtype=dtype)
         error = dequantization_error(model, base.name_or_path)
@@ -90,29 +91,6 @@ def dequantization_error(model: PreTrainedModel, original: str) -> float:
     if norm_sq == 0:
         raise QLoRAError(f"found no linear layer weights of {original} to compare with")
     return (diff_sq / norm_sq) ** 0.5
-
-
-def _adapter_and_base(config: MergeConfig) -> tuple[Path, ModelConfig]:
-    if config.run is None and config.adapter is None:
-        raise QLoRAError("nothing to merge: give run=outputs/<run> (a training run folder) or adapter=PATH.")
-    adapter_dir = Path(config.adapter or Path(config.run) / "adapter").expanduser()
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise QLoRAError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json): check run= or adapter=.")
-    if config.base is not None:
-        return adapter_dir, ModelConfig(name_or_path=config.base)
-    if config.run is not None:
-        return adapter_dir, _run_config(config).model
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return adapter_dir, ModelConfig(name_or_path=base)
-
-
-def _run_config(config: MergeConfig) -> TrainConfig:
-    if config.run is None:
-        raise QLoRAError("from_dequantized=true needs run=outputs/<run>, whose config says how the base was quantized.")
-    path = Path(config.run).expanduser() / "config.yaml"
-    if not path.is_file():
-        raise QLoRAError(f"run={config.run} is not a training run folder (no config.yaml).")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path)))
 
 
 def main() -> None:

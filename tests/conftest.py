@@ -26,9 +26,22 @@ def tiny_config(tmp_path: Path) -> Callable[..., TrainConfig]:
     return make
 
 
-def run_cli(*args: str, cwd: Path, command: str = "qlora.train") -> subprocess.CompletedProcess:
-    """Run `python -m COMMAND ARGS` as a user types it, from `cwd`."""
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> tuple[TrainConfig, Path]:
+    """The tiny recipe's full run (held-out exact match 32/32), shared by the tests that use a
+    finished run: merge, generate."""
+    from qlora.pipeline import run_training
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    config = compose_config([f"training.output_dir={run_dir}", "eval.exact_match_samples=0"])
+    run_training(config)
+    return config, run_dir
+
+
+def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m COMMAND ARGS` as a user types it, from `cwd`, with `input` as what they type next."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", command, *args], cwd=cwd, env=env, input=input, capture_output=True, text=True,
+        timeout=600,
     )

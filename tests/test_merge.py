@@ -6,21 +6,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli
-from qlora.config import MergeConfig, compose_config
+from qlora.config import MergeConfig
 from qlora.errors import QLoRAError
 from qlora.merge import merge
-from qlora.pipeline import run_training
 from qlora.stages.model import load_quantized_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("merge") / "run"
-    config = compose_config([f"training.output_dir={run_dir}", "training.max_steps=40", "eval.exact_match_samples=0"])
-    run_training(config)
-    return config, run_dir
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -63,7 +54,7 @@ def test_merge_never_writes_over_a_folder(trained_run, tmp_path):
 
 
 def test_merge_needs_an_adapter(tmp_path):
-    with pytest.raises(QLoRAError, match="nothing to merge"):
+    with pytest.raises(QLoRAError, match="no adapter given"):
         merge(MergeConfig())
     with pytest.raises(QLoRAError, match="holds no LoRA adapter"):
         merge(MergeConfig(adapter=str(tmp_path)))
