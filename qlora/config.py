@@ -147,6 +147,22 @@ class GenerateConfig:
     seed: int = 42
 
 
+@dataclass
+class EvaluateConfig:
+    """`python -m qlora.evaluate`: loss, perplexity and answer metrics of base + adapter on a dataset."""
+
+    run: Optional[str] = None  # a training run folder
+    adapter: Optional[str] = None  # or an adapter folder directly
+    base: Optional[str] = None  # the base model; default: the run's, or the adapter's
+    data: DataConfig = field(default_factory=DataConfig)  # data.path: the dataset to evaluate on
+    batch_size: int = 8
+    max_samples: Optional[int] = None  # evaluate only the first rows
+    generation: bool = True  # also answer each prompt and score it against its reference
+    max_new_tokens: int = 64
+    regex: Optional[str] = None  # an answer is right when this pattern's match (group 1 if any) equals the reference
+    output_file: Optional[str] = None  # default: eval.json in the run folder (or beside the adapter)
+
+
 def register_configs() -> None:
     """Register the schema, the `asset` resolver and the recipes with Hydra (idempotent)."""
     if not OmegaConf.has_resolver("asset"):
@@ -156,6 +172,7 @@ def register_configs() -> None:
     store.store(name="quantize_schema", node=QuantizeConfig)
     store.store(name="merge_schema", node=MergeConfig)
     store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
     for recipe in sorted(recipes_dir().glob("*.yaml")):
         store.store(group="recipe", name=recipe.stem, node=OmegaConf.load(recipe), package="_global_")
 

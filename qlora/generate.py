@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from peft import PeftModel
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer, set_seed
+from transformers import PreTrainedTokenizerBase, TextStreamer, set_seed
 
 from qlora.cli import run_hydra_command
-from qlora.config import GenerateConfig, QuantizationConfig, typed_config
-from qlora.data.formats import ALPACA_PROMPT
+from qlora.config import GenerateConfig, typed_config
+from qlora.data.formats import alpaca_prompt
 from qlora.errors import QLoRAError
-from qlora.runs import find_adapter, load_run_config
+from qlora.runs import load_adapted_model
 
 log = logging.getLogger("qlora")
 TEMPLATES = ("auto", "raw", "alpaca", "chat")
@@ -46,15 +45,8 @@ def generate(config: GenerateConfig) -> list[str]:
 
 
 def load_model(config: GenerateConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, str]:
-    """The 4-bit base (quantized as in training) with the adapter, its tokenizer, and the template."""
-    from qlora.stages.model import load_quantized_model
-
-    adapter_dir, base = find_adapter(config.run, config.adapter, config.base)
-    run = load_run_config(config.run) if config.run else None
-    quantization = run.quantization if run else QuantizationConfig()
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    model = PeftModel.from_pretrained(load_quantized_model(base, quantization, device), adapter_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # training saved its tokenizer with the adapter
+    """The adapted model, its tokenizer, and the template that wraps prompts."""
+    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
     template = config.template
     if template == "auto":
         trained_on = run.data.format if run else None
@@ -76,10 +68,7 @@ def format_prompt(row: dict[str, Any], template: str, tokenizer: PreTrainedToken
     if not isinstance(text, str):
         raise QLoRAError(f"cannot find a prompt in {row}: give a prompt, instruction or messages field.")
     if template == "alpaca":
-        context = row.get("input") or ""
-        return ALPACA_PROMPT.format(
-            with_input=", paired with an input that provides further context" if context else "",
-            instruction=text, input_block=f"### Input:\n{context}\n\n" if context else "")
+        return alpaca_prompt(text, row.get("input"))
     if template == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)

@@ -9,9 +9,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import torch
 from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qlora.config import ModelConfig, TrainConfig
+from qlora.config import ModelConfig, QuantizationConfig, TrainConfig
 from qlora.errors import QLoRAError
 
 
@@ -36,3 +39,18 @@ def find_adapter(run: Optional[str], adapter: Optional[str], base: Optional[str]
         return adapter_dir, load_run_config(run).model
     saved_base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     return adapter_dir, ModelConfig(name_or_path=saved_base)
+
+
+def load_adapted_model(
+    run: Optional[str], adapter: Optional[str], base: Optional[str]
+) -> tuple[PeftModel, PreTrainedTokenizerBase, Optional[TrainConfig]]:
+    """The base model quantized as in training (nf4 defaults without a run) with the adapter on top,
+    the tokenizer training saved with the adapter, and the run's config if there is a run."""
+    from qlora.stages.model import load_quantized_model
+
+    adapter_dir, base_model = find_adapter(run, adapter, base)
+    run_config = load_run_config(run) if run else None
+    quantization = run_config.quantization if run_config else QuantizationConfig()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    model = PeftModel.from_pretrained(load_quantized_model(base_model, quantization, device), adapter_dir).eval()
+    return model, AutoTokenizer.from_pretrained(adapter_dir), run_config

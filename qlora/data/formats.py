@@ -26,6 +26,15 @@ REQUIRED_FIELDS = {
 }
 
 
+def alpaca_prompt(instruction: str, context: str | None = None) -> str:
+    """An instruction (and optional input) in the Stanford Alpaca template, ready for the response."""
+    return ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if context else "",
+        instruction=instruction,
+        input_block=f"### Input:\n{context}\n\n" if context else "",
+    )
+
+
 def detect_format(columns: list[str]) -> str:
     for name, required in REQUIRED_FIELDS.items():
         if all(column in columns for column in required):
@@ -43,13 +52,7 @@ def to_trl_example(row: dict[str, Any], format: str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"missing or empty field(s) {missing} for data.format={format}")
     if format == "alpaca":
-        context = row.get("input") or ""
-        prompt = ALPACA_PROMPT.format(
-            with_input=", paired with an input that provides further context" if context else "",
-            instruction=row["instruction"],
-            input_block=f"### Input:\n{context}\n\n" if context else "",
-        )
-        return {"prompt": prompt, "completion": row["output"]}
+        return {"prompt": alpaca_prompt(row["instruction"], row.get("input")), "completion": row["output"]}
     if format == "prompt_completion":
         return {"prompt": row["prompt"], "completion": row["completion"]}
     if format == "messages":

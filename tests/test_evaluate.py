@@ -1,0 +1,54 @@
+"""`qlora.evaluate`: loss as training computes it, answer metrics, eval.json."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli
+from qlora.config import DataConfig, EvaluateConfig
+from qlora.data import load_sft_dataset
+from qlora.evaluate import evaluate
+from qlora.runs import load_adapted_model
+
+
+def test_cli_writes_eval_json_with_loss_and_answer_metrics(trained_run, tmp_path):
+    config, run_dir = trained_run
+    result = run_cli(f"run={run_dir}", f"data.path={config.data.heldout_path}", "max_new_tokens=4",
+                     "regex='(positive|negative)'", cwd=tmp_path, command="qlora.evaluate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["examples"] == 32
+    assert report["perplexity"] == pytest.approx(math.exp(report["eval_loss"]))
+    assert report["exact_match"] >= 0.9 and report["contains"] >= report["exact_match"]
+    assert report["regex"] == report["exact_match"]  # the answers are exactly the label
+    assert {"prompt", "reference", "answer"} <= report["samples"][0].keys()
+
+
+def test_eval_loss_is_the_mean_loss_of_completion_tokens(trained_run, tmp_path):
+    config, run_dir = trained_run
+    report = evaluate(EvaluateConfig(run=str(run_dir), data=DataConfig(path=config.data.heldout_path), batch_size=64,
+                                     generation=False, output_file=str(tmp_path / "eval.json")))
+    model, tokenizer, _ = load_adapted_model(str(run_dir), None, None)
+    total, count = 0.0, 0
+    for example in load_sft_dataset(config.data.heldout_path):
+        prompt = tokenizer(example["prompt"])["input_ids"]
+        completion = tokenizer(example["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + completion])
+        labels = torch.tensor([[-100] * len(prompt) + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+        count += len(completion)
+    assert report["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert "exact_match" not in report
+
+
+def test_text_rows_get_loss_only(trained_run, tmp_path):
+    _, run_dir = trained_run
+    (tmp_path / "text.jsonl").write_text('{"text": "the film was great"}\n{"text": "the plot was dull"}\n')
+    report = evaluate(EvaluateConfig(run=str(run_dir), data=DataConfig(path=str(tmp_path / "text.jsonl")),
+                                     output_file=str(tmp_path / "eval.json")))
+    assert report["examples"] == 2 and report["eval_loss"] > 0 and "exact_match" not in report
+    assert json.loads((tmp_path / "eval.json").read_text())["eval_loss"] == report["eval_loss"]
