@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import peft
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,3 +59,29 @@ def test_merge_needs_an_adapter(tmp_path):
         merge(MergeConfig())
     with pytest.raises(QLoRAError, match="holds no LoRA adapter"):
         merge(MergeConfig(adapter=str(tmp_path)))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora-shard-by-shard", "dora-in-memory"])
+def test_merge_into_a_sharded_base(tmp_path, trained_run, use_dora):
+    config, _ = trained_run
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
+    base = AutoModelForCausalLM.from_pretrained(config.model.name_or_path, dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base", max_shard_size="1MB")
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) > 1
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora))
+    torch.manual_seed(0)
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give the adapter something to merge
+            param.data.normal_(std=0.05)
+    adapted.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    expected = logits(adapted, tokenizer)
+
+    merge(MergeConfig(adapter=str(tmp_path / "adapter"), base=str(tmp_path / "base"), dtype="float32",
+                      output_dir=str(tmp_path / "merged")))
+    if not use_dora:  # streamed: the base's shards and index are kept
+        assert sorted(p.name for p in (tmp_path / "merged").glob("*.safetensors")) == shards
+        assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, tokenizer), expected, rtol=1e-4, atol=1e-4)
