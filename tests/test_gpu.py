@@ -30,3 +30,24 @@ def test_tiny_model_learns_with_the_gpu_recipe_settings(tiny_config):
     assert rows[-1]["loss"] < 0.2 * rows[0]["loss"]
     assert summary.exact_match_before == 0.0 and summary.exact_match_after >= 0.9
     assert rows[-1]["peak_memory_gib"] > 0
+
+
+def test_generate_evaluate_and_merge_on_the_gpu(trained_run, tmp_path):
+    from qlora.config import DataConfig, EvaluateConfig, GenerateConfig, MergeConfig
+    from qlora.evaluate import evaluate
+    from qlora.generate import generate
+    from qlora.merge import merge
+    from qlora.runs import load_adapted_model
+
+    config, run_dir = trained_run
+    model, _, _ = load_adapted_model(str(run_dir), None, None)
+    assert model.device.type == "cuda"
+    rows = [json.loads(line) for line in open(config.data.heldout_path)][:8]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    answers = generate(GenerateConfig(run=str(run_dir), input_file=str(tmp_path / "prompts.jsonl"), max_new_tokens=4))
+    assert sum(a.strip() == row["output"] for a, row in zip(answers, rows)) >= 6
+    report = evaluate(EvaluateConfig(run=str(run_dir), data=DataConfig(path=config.data.heldout_path),
+                                     max_new_tokens=4, output_file=str(tmp_path / "eval.json")))
+    assert report["exact_match"] >= 0.9
+    result = merge(MergeConfig(run=str(run_dir), from_dequantized=True, output_dir=str(tmp_path / "merged")))
+    assert 0.0 < result.dequantization_error < 0.2
