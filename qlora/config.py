@@ -57,23 +57,38 @@ class LoraConfig:
 
 
 @dataclass
+class ColumnNames:
+    """The dataset's column for each field a format reads, when it is named differently
+    (data.columns.instruction=question); None keeps the field's own name."""
+
+    instruction: Optional[str] = None
+    input: Optional[str] = None
+    output: Optional[str] = None
+    system: Optional[str] = None
+    prompt: Optional[str] = None
+    completion: Optional[str] = None
+    messages: Optional[str] = None
+    conversations: Optional[str] = None
+    text: Optional[str] = None
+
+
+@dataclass
 class DatasetSource:
     """One dataset of `data.datasets`: where it is, its format, and how its columns are named."""
 
     path: str = MISSING
     format: str = "auto"
     split: str = "train"  # for Hub datasets
-    # our field name -> the file's column name, e.g. {instruction: question}
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: ColumnNames = field(default_factory=ColumnNames)
 
 
 @dataclass
 class DataConfig:
-    # one dataset (path/format/split/columns) or several (datasets), never both
+    # one dataset (path/format/split/columns), or several (datasets, which then replace path)
     path: Optional[str] = None
     format: str = "auto"
     split: str = "train"
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: ColumnNames = field(default_factory=ColumnNames)
     datasets: list[DatasetSource] = field(default_factory=list)
     # validation: a separate file, or a share (< 1) or count (>= 1) of the training rows; 0 means none
     val_path: Optional[str] = None
@@ -249,13 +264,12 @@ def validate(config: TrainConfig) -> None:
 
 
 def _validate_data(data: DataConfig) -> None:
-    if (data.path is None) == (not data.datasets):
+    if data.path is None and not data.datasets:
         raise QLoRAError(
-            f"give the training data either as data.path (one dataset) or as data.datasets (several), not "
-            f"{'both' if data.datasets else 'neither'}: data.path={data.path}, {len(data.datasets)} data.datasets. "
-            f"E.g. data.path=my.jsonl, or data.datasets=[{{path: a.jsonl}},{{path: b.jsonl, format: sharegpt}}]."
+            "no training data: set data.path=my.jsonl (one dataset), or data.datasets=[{path: a.jsonl},"
+            "{path: b.jsonl, format: sharegpt}] (several)."
         )
-    if data.path is not None:
+    if not data.datasets:
         _validate_source("data", DatasetSource(data.path, data.format, data.split, data.columns))
     for index, source in enumerate(data.datasets):
         _validate_source(f"data.datasets[{index}]", source)
@@ -282,15 +296,6 @@ def _validate_data(data: DataConfig) -> None:
 def _validate_source(key: str, source: DatasetSource) -> None:
     _choice(f"{key}.format", source.format, DATA_FORMATS)
     _validate_local_file(f"{key}.path", source.path)
-    from qlora.data.formats import FIELDS  # the formats' own field names; imported late to keep config light
-
-    unknown = sorted(set(source.columns) - FIELDS)
-    if unknown:
-        raise QLoRAError(
-            f"{key}.columns names unknown field(s) {unknown}: the keys are qlora's field names "
-            f"({', '.join(sorted(FIELDS))}) and the values your dataset's columns, e.g. "
-            f"{key}.columns.instruction=question."
-        )
 
 
 def as_plain_dict(config: TrainConfig) -> dict[str, Any]:

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from qlora.config import ASSETS_DIR, DatasetSource
+from qlora.config import ASSETS_DIR, ColumnNames, DatasetSource
 from qlora.data import ALPACA_PROMPT, detect_format, load_sft_dataset, to_trl_example
 from qlora.data.load import load_formatted, load_rows
 from qlora.errors import QLoRAError
@@ -101,7 +101,7 @@ def test_alpaca_system_replaces_the_preamble():
 
 def test_columns_are_remapped_from_the_config():
     source = DatasetSource(path=str(EXAMPLES / "alpaca_renamed.csv"),
-                           columns={"instruction": "question", "input": "context", "output": "answer"})
+                           columns=ColumnNames(instruction="question", input="context", output="answer"))
     rows = load_formatted(source)
     assert rows.format == "alpaca"
     assert rows.dataset[0]["completion"] == "positive"
@@ -110,7 +110,7 @@ def test_columns_are_remapped_from_the_config():
 
 def test_remapping_a_column_the_file_lacks_is_refused():
     with pytest.raises(QLoRAError, match=r"'nope'.*its columns are"):
-        load_formatted(DatasetSource(path=str(EXAMPLES / "alpaca.jsonl"), columns={"instruction": "nope"}))
+        load_formatted(DatasetSource(path=str(EXAMPLES / "alpaca.jsonl"), columns=ColumnNames(instruction="nope")))
 
 
 def test_a_folder_of_files_is_one_dataset(tmp_path):

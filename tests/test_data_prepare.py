@@ -8,7 +8,6 @@ from transformers import AutoTokenizer
 
 from qlora.config import ASSETS_DIR
 from qlora.data import IGNORE, prepare_sft_data
-from qlora.errors import QLoRAError
 
 EXAMPLES = ASSETS_DIR / "examples"
 SEVERAL = f"data.datasets=[{{path: {EXAMPLES / 'alpaca.jsonl'}}},{{path: {EXAMPLES / 'sharegpt.jsonl'}, format: sharegpt}}]"
@@ -24,7 +23,7 @@ def decoded_trained(tokenizer, example):
 
 
 def test_several_datasets_are_concatenated_and_shuffled_with_the_seed(tiny_config, tokenizer):
-    config = tiny_config("data.path=null", SEVERAL, "data.chat_template=chatml", "data.max_length=512")
+    config = tiny_config(SEVERAL, "data.chat_template=chatml", "data.max_length=512")
     data = prepare_sft_data(config.data, tokenizer, seed=1)
     assert data.stats.examples == data.stats.rows == 7 and len(data.train) == 7
     answers = sorted(decoded_trained(tokenizer, example) for example in data.train)
@@ -33,11 +32,6 @@ def test_several_datasets_are_concatenated_and_shuffled_with_the_seed(tiny_confi
     assert again.train["input_ids"] == data.train["input_ids"]
     other_seed = prepare_sft_data(config.data, tokenizer, seed=2)
     assert other_seed.train["input_ids"] != data.train["input_ids"]
-
-
-def test_path_and_datasets_together_are_refused(tiny_config):
-    with pytest.raises(QLoRAError, match="either as data.path .* or as data.datasets .*, not both"):
-        tiny_config(SEVERAL)
 
 
 @pytest.mark.parametrize("val_size, expected", [(0.25, 128), (10, 10)])

@@ -28,8 +28,6 @@ REQUIRED_FIELDS = {
     "text": ("text",),
 }
 OPTIONAL_FIELDS = {"alpaca": ("input", "system")}
-# Every field name a format reads: the keys `data.columns` may remap.
-FIELDS = {f for fields in REQUIRED_FIELDS.values() for f in fields} | {"input", "system"}
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -42,7 +42,7 @@ def load_sft_dataset(path: str, format: str = "auto") -> datasets.Dataset:
 def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int | None = None) -> FormattedRows:
     """Load `source`, rename its columns, detect its format and convert each row, raising or skipping bad ones."""
     rows = load_rows(source.path, source.split)
-    renames = {theirs: ours for ours, theirs in source.columns.items() if theirs != ours}
+    renames = {theirs: ours for ours, theirs in asdict(source.columns).items() if theirs and theirs != ours}
     missing = sorted(set(renames) - set(rows.column_names))
     if missing:
         raise QLoRAError(

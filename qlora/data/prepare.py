@@ -28,10 +28,13 @@ class SFTData:
 
 
 def data_sources(data: DataConfig) -> list[DatasetSource]:
+    """data.datasets, or else the one dataset of data.path."""
     if data.datasets:
+        if data.path is not None:
+            log.info("data.datasets is set: training on its %d datasets, not on data.path", len(data.datasets))
         return list(data.datasets)
     assert data.path is not None  # validate() requires path or datasets
-    return [DatasetSource(path=data.path, format=data.format, split=data.split, columns=dict(data.columns))]
+    return [DatasetSource(path=data.path, format=data.format, split=data.split, columns=data.columns)]
 
 
 def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> SFTData:
@@ -48,7 +51,7 @@ def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed:
             train = train.shuffle(seed=seed)
         validation = validation_stats = None
         if data.val_path is not None:
-            val_source = DatasetSource(path=data.val_path, columns=dict(data.columns))
+            val_source = DatasetSource(path=data.val_path, columns=data.columns)
             validation, validation_stats = _tokenize_source(val_source, data, tokenizer)
         elif data.val_size:
             size = data.val_size if data.val_size < 1 else int(data.val_size)
