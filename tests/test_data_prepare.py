@@ -58,3 +58,9 @@ def test_a_second_run_reads_the_tokenized_data_from_the_cache(tiny_config, token
     second = prepare_sft_data(config.data, AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny-llama"), seed=42)
     assert {f["filename"]: Path(f["filename"]).stat().st_mtime_ns for f in second.train.cache_files} == written
     assert second.train["input_ids"] == first.train["input_ids"]
+
+
+def test_num_proc_gives_the_same_examples(tiny_config, tokenizer):
+    one = prepare_sft_data(tiny_config().data, tokenizer, seed=42)
+    two = prepare_sft_data(tiny_config("data.num_proc=2").data, tokenizer, seed=42)
+    assert two.train["input_ids"] == one.train["input_ids"] and two.train["labels"] == one.train["labels"]

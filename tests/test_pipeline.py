@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import set_seed
+from transformers import AutoTokenizer, set_seed
 
 from qlora.config import ASSETS_DIR
 from qlora.data import prepare_sft_data
@@ -87,3 +87,12 @@ def test_validation_loss_is_logged_every_eval_steps(tiny_config, tmp_path):
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     stats = json.loads(open(f"{config.training.output_dir}/data_stats.json").read())
     assert stats["examples"] == 40 and stats["trained_tokens"] > 0
+
+
+def test_chat_data_trains_and_the_adapter_keeps_its_chat_template(tiny_config):
+    config = tiny_config(f"data.path={ASSETS_DIR / 'examples' / 'sharegpt.jsonl'}", "data.chat_template=chatml",
+                         "data.heldout_path=null", "training.max_steps=2", "training.batch_size=3")
+    summary = run_training(config)
+    assert summary.train_loss_first > 0
+    saved = AutoTokenizer.from_pretrained(Path(summary.adapter_dir))
+    assert "{%- generation %}" in saved.chat_template and "<|im_start|>" in saved.chat_template
