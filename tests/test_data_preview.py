@@ -38,7 +38,7 @@ def test_preview_of_chat_data_shows_truncation_and_validation(tiny_config):
     config = tiny_config(f"data.path={ASSETS_DIR / 'examples' / 'sharegpt.jsonl'}", "data.chat_template=chatml",
                          "data.max_length=110", "data.val_size=1")
     report = preview(config, examples=5)
-    assert "first 2 training examples" in report and "validation data: 1 examples" in report
+    assert "first 2 training examples" in report and "validation data: 1 examples (2 left for training)" in report
     assert "[[" in report and "<|im_start|>user" in report
     assert "truncated           1" in report
 

@@ -46,10 +46,10 @@ def _report(data: SFTData, tokenizer: PreTrainedTokenizerBase, examples: int, co
     for index, example in enumerate(_first(data.train, examples)):
         yield f"\n--- example {index} ({len(example['input_ids'])} tokens) ---"
         yield render_example(example["input_ids"], example["labels"], tokenizer, colour)
-    yield "\ntraining data:"
+    yield "\ntraining data (before a data.val_size split):"
     yield from _stats_lines(data.stats)
     if data.validation is not None:
-        yield f"validation data: {len(data.validation)} examples"
+        yield f"validation data: {len(data.validation)} examples ({len(data.train)} left for training)"
         if data.validation_stats is not None:
             yield from _stats_lines(data.validation_stats)
 
