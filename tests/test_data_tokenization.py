@@ -1,6 +1,7 @@
 """Real tokenized examples of every format and shipped template, their labels decoded: exactly the
 assistant/completion text (and EOS) is trained on."""
 
+import datasets
 import pytest
 from transformers import AutoTokenizer
 
@@ -8,8 +9,7 @@ from qlora.config import ASSETS_DIR
 from qlora.data.formats import to_trl_example
 from qlora.data.templates import SHIPPED_TEMPLATES
 from qlora.data.tokenization import IGNORE, TokenizeOptions, tokenize_dataset, tokenize_example
-
-import datasets
+from qlora.errors import QLoRAError
 
 EOS = "<|end_of_text|>"
 CHAT = [
@@ -110,3 +110,11 @@ def test_long_examples_are_truncated_or_dropped_and_counted(tokenizer):
     kept, stats = tokenize_dataset(rows, tokenizer, options(max_length=24, truncation="drop"), skipped=3)
     assert (stats.examples, stats.truncated, stats.dropped_too_long, stats.rows, stats.skipped_malformed) == (1, 0, 2, 6, 3)
     assert kept[0]["labels"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("template", ["llama-2", "mistral", "alpaca"])
+def test_a_role_the_template_cannot_render_is_an_error_not_a_silent_gap(tokenizer, template):
+    chat = [{"role": "user", "content": "Add 2 and 3."}, {"role": "tool", "content": "5"},
+            {"role": "assistant", "content": "5"}]
+    with pytest.raises(QLoRAError, match="no place for a message with role tool.*chatml"):
+        tokenize_example({"messages": chat}, tokenizer, options(SHIPPED_TEMPLATES[template]))

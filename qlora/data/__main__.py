@@ -22,10 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        import datasets
+
         from qlora.config import compose_config
         from qlora.data.preview import preview
 
         config = compose_config(args.overrides)
+        datasets.disable_progress_bars()  # the report is the output
         print(preview(config, args.examples, colour=sys.stdout.isatty()))
     except QLoRAError as error:
         print(f"qlora: error: {error}", file=sys.stderr)

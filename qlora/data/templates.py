@@ -17,6 +17,9 @@ from qlora.errors import QLoRAError
 
 log = logging.getLogger(__name__)
 
+# Templates without a place for a role say so instead of silently leaving the message out.
+_SET_ROLE_ERROR = "{%- set ROLE_ERROR = 'this chat template has no place for a message with role ' %}"
+
 CHATML = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
@@ -29,7 +32,7 @@ CHATML = (
 )
 
 # Llama-2-chat: the system prompt sits inside the first [INST] block, between <<SYS>> tags.
-LLAMA_2 = (
+LLAMA_2 = _SET_ROLE_ERROR + (
     "{%- if messages[0]['role'] == 'system' %}"
     "{%- set system = messages[0]['content'] %}{%- set messages = messages[1:] %}"
     "{%- else %}{%- set system = '' %}{%- endif %}"
@@ -40,12 +43,13 @@ LLAMA_2 = (
     "{{- message['content'] + ' [/INST]' }}"
     "{%- elif message['role'] == 'assistant' %}"
     "{%- generation %}{{- ' ' + message['content'] + eos_token }}{%- endgeneration %}"
+    "{%- else %}{{- raise_exception(ROLE_ERROR + message['role']) }}"
     "{%- endif %}"
     "{%- endfor %}"
 )
 
 # Mistral-instruct: no system role, so a system prompt is put before the first user message.
-MISTRAL = (
+MISTRAL = _SET_ROLE_ERROR + (
     "{%- if messages[0]['role'] == 'system' %}"
     "{%- set system = messages[0]['content'] + '\\n\\n' %}{%- set messages = messages[1:] %}"
     "{%- else %}{%- set system = '' %}{%- endif %}"
@@ -55,17 +59,19 @@ MISTRAL = (
     "{{- '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
     "{%- elif message['role'] == 'assistant' %}"
     "{%- generation %}{{- ' ' + message['content'] + eos_token }}{%- endgeneration %}"
+    "{%- else %}{{- raise_exception(ROLE_ERROR + message['role']) }}"
     "{%- endif %}"
     "{%- endfor %}"
 )
 
-ALPACA = (
+ALPACA = _SET_ROLE_ERROR + (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}"
     "{%- elif message['role'] == 'user' %}{{- '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
     "{%- elif message['role'] == 'assistant' %}"
     "{{- '### Response:\\n' }}{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
     "{%- if not loop.last %}{{- '\\n\\n' }}{%- endif %}"
+    "{%- else %}{{- raise_exception(ROLE_ERROR + message['role']) }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '### Response:\\n' }}{%- endif %}"

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import datasets
 import numpy as np
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import common_prefix_length
+
+from qlora.errors import QLoRAError
 
 IGNORE = -100  # the label of a token without loss (PyTorch's cross-entropy ignore_index)
 
@@ -126,9 +129,15 @@ def _tokenize_prompt_completion(prompt: str, completion: str, tokenizer: PreTrai
 
 
 def _tokenize_messages(messages: list[dict], tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> tuple[list, list]:
-    output = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    try:
+        output = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except TemplateError as error:
+        raise QLoRAError(
+            f"the chat template cannot render a conversation: {error}. Pick another data.chat_template (chatml "
+            f"and llama-3 take any role), or fix the rows. The conversation: {messages}"
+        ) from error
     input_ids, mask = list(output["input_ids"]), list(output["assistant_masks"])
     labels = [token if keep else IGNORE for token, keep in zip(input_ids, mask)]
     if tokenizer.eos_token_id is not None and input_ids[-1] != tokenizer.eos_token_id:
