@@ -23,7 +23,12 @@ from qlora.data import load_sft_dataset, prepare_sft_data
 from qlora.stages.adapters import attach_lora
 from qlora.stages.artifacts import prepare_run_dir, save_adapter
 from qlora.stages.heldout import ExactMatch, exact_match
-from qlora.stages.model import fit_embeddings_to_tokenizer, load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.model import (
+    fit_embeddings_to_tokenizer,
+    load_quantized_model,
+    load_tokenizer,
+    prepare_for_kbit_training,
+)
 from qlora.stages.trainer import build_trainer, peak_memory_gib
 
 log = logging.getLogger("qlora")

@@ -10,7 +10,8 @@ from qlora.config import ASSETS_DIR
 from qlora.data import IGNORE, prepare_sft_data
 
 EXAMPLES = ASSETS_DIR / "examples"
-SEVERAL = f"data.datasets=[{{path: {EXAMPLES / 'alpaca.jsonl'}}},{{path: {EXAMPLES / 'sharegpt.jsonl'}, format: sharegpt}}]"
+SEVERAL = (f"data.datasets=[{{path: {EXAMPLES / 'alpaca.jsonl'}}},"
+           f"{{path: {EXAMPLES / 'sharegpt.jsonl'}, format: sharegpt}}]")
 
 
 @pytest.fixture

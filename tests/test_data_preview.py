@@ -21,7 +21,8 @@ def test_preview_of_the_tiny_recipe_marks_the_answer_and_counts(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "first 2 training examples (trained tokens inside [[ ]])" in out
-    assert out.count("### Response:\n[[negative<|end_of_text|>]]") + out.count("### Response:\n[[positive<|end_of_text|>]]") == 2
+    answers = [f"### Response:\n[[{label}<|end_of_text|>]]" for label in ("negative", "positive")]
+    assert sum(out.count(answer) for answer in answers) == 2
     assert "examples            512 (of 512 rows)" in out and "truncated           0" in out
     assert "\033[" not in out  # piped: markers, no colour codes
     assert not any(tmp_path.iterdir())  # nothing written

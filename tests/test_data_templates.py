@@ -49,7 +49,8 @@ def bare_tokenizer(*added):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "</s>": 1})), eos_token="</s>")
+    vocabulary = Tokenizer(models.WordLevel({"a": 0, "</s>": 1}))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, eos_token="</s>")
     tokenizer.add_special_tokens({"additional_special_tokens": list(added)})
     return tokenizer
 

@@ -66,8 +66,8 @@ def test_packed_and_unpacked_training_give_the_same_losses(tiny_config, tmp_path
         set_seed(config.training.seed)  # the same LoRA initialisation for both
         tokenizer = load_tokenizer(config.model)
         data = prepare_sft_data(config.data, tokenizer, config.training.seed)
-        model = attach_lora(prepare_for_kbit_training(load_quantized_model(config.model, config.quantization, CPU), False),
-                            config.lora)
+        model = load_quantized_model(config.model, config.quantization, CPU)
+        model = attach_lora(prepare_for_kbit_training(model, False), config.lora)
         trainer = build_trainer(config, model, tokenizer, data.train, prepare_run_dir(config))
         trainer.train()
         losses[packing] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -69,7 +69,9 @@ def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int
     )
     errors = [error for error in formatted["qlora_error"] if error]
     if errors:
-        log.warning("%s: skipped %d malformed row(s) (data.on_error=skip), e.g. %s", source.path, len(errors), errors[0])
+        log.warning(
+            "%s: skipped %d malformed row(s) (data.on_error=skip), e.g. %s", source.path, len(errors), errors[0]
+        )
         formatted = formatted.filter(lambda error: not error, input_columns="qlora_error", num_proc=num_proc)
     formatted = formatted.remove_columns("qlora_error")
     if len(formatted) == 0:

@@ -87,5 +87,6 @@ def _tokenize_source(
 def _sum_stats(parts: list[DataStats], train: datasets.Dataset) -> DataStats:
     if len(parts) == 1:
         return parts[0]
-    counts = {f.name: sum(getattr(p, f.name) for p in parts) for f in fields(DataStats) if f.name != "length_percentiles"}
+    names = [f.name for f in fields(DataStats) if f.name != "length_percentiles"]
+    counts = {name: sum(getattr(part, name) for part in parts) for name in names}
     return DataStats(**counts, length_percentiles=length_percentiles(train))

@@ -41,7 +41,9 @@ def render_example(input_ids: list[int], labels: list[int], tokenizer: PreTraine
 
 
 def _report(data: SFTData, tokenizer: PreTrainedTokenizerBase, examples: int, colour: bool) -> Iterator[str]:
-    legend = "trained tokens in green, masked in grey" if colour else f"trained tokens inside {TRAINED_OPEN} {TRAINED_CLOSE}"
+    legend = f"trained tokens inside {TRAINED_OPEN} {TRAINED_CLOSE}"
+    if colour:
+        legend = "trained tokens in green, masked in grey"
     yield f"first {min(examples, len(data.train))} training examples ({legend}):"
     for index, example in enumerate(_first(data.train, examples)):
         yield f"\n--- example {index} ({len(example['input_ids'])} tokens) ---"
@@ -60,7 +62,8 @@ def _stats_lines(stats: DataStats) -> Iterator[str]:
     yield f"  tokens              {stats.tokens}, trained {stats.trained_tokens} ({100 * stats.trained_share:.1f}%)"
     yield f"  length (tokens)     p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']}"
     yield f"  truncated           {stats.truncated}"
-    yield f"  dropped             {stats.dropped_too_long} too long, {stats.dropped_no_trainable} with no trained tokens"
+    yield (f"  dropped             {stats.dropped_too_long} too long, "
+           f"{stats.dropped_no_trainable} with no trained tokens")
     yield f"  skipped malformed   {stats.skipped_malformed}"
 
 

@@ -128,7 +128,9 @@ def _tokenize_prompt_completion(prompt: str, completion: str, tokenizer: PreTrai
     return input_ids, [IGNORE] * start + input_ids[start:]
 
 
-def _tokenize_messages(messages: list[dict], tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> tuple[list, list]:
+def _tokenize_messages(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, chat_template: str | None
+) -> tuple[list, list]:
     try:
         output = tokenizer.apply_chat_template(
             messages, chat_template=chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True

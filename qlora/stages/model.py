@@ -39,7 +39,8 @@ def set_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     (Llama 3 has 250), is never a real target; only when there is none is a new token added.
     """
     added = sorted(tokenizer.get_added_vocab(), key=lambda token: tokenizer.convert_tokens_to_ids(token))
-    candidates = [tokenizer.unk_token] + [t for t in added if "pad" in t.lower()] + [t for t in added if "reserved" in t]
+    candidates = [tokenizer.unk_token]
+    candidates += [t for t in added if "pad" in t.lower()] + [t for t in added if "reserved" in t]
     for token in candidates:
         if token is not None and token != tokenizer.eos_token:
             tokenizer.pad_token = token
