@@ -21,7 +21,9 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
-DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
+TRUNCATION = ("truncate", "drop")
+ON_ERROR = ("raise", "skip")
 
 
 @dataclass
@@ -55,10 +57,52 @@ class LoraConfig:
 
 
 @dataclass
-class DataConfig:
+class ColumnNames:
+    """The dataset's column for each field a format reads, when it is named differently
+    (data.columns.instruction=question); None keeps the field's own name."""
+
+    instruction: Optional[str] = None
+    input: Optional[str] = None
+    output: Optional[str] = None
+    system: Optional[str] = None
+    prompt: Optional[str] = None
+    completion: Optional[str] = None
+    messages: Optional[str] = None
+    conversations: Optional[str] = None
+    text: Optional[str] = None
+
+
+@dataclass
+class DatasetSource:
+    """One dataset of `data.datasets`: where it is, its format, and how its columns are named."""
+
     path: str = MISSING
     format: str = "auto"
+    split: str = "train"  # for Hub datasets
+    columns: ColumnNames = field(default_factory=ColumnNames)
+
+
+@dataclass
+class DataConfig:
+    # one dataset (path/format/split/columns), or several (datasets, which then replace path)
+    path: Optional[str] = None
+    format: str = "auto"
+    split: str = "train"
+    columns: ColumnNames = field(default_factory=ColumnNames)
+    datasets: list[DatasetSource] = field(default_factory=list)
+    # validation: a separate file, or a share (< 1) or count (>= 1) of the training rows; 0 means none
+    val_path: Optional[str] = None
+    val_size: float = 0.0
+    # a shipped template name (chatml, llama-3, llama-2, mistral, alpaca) or a Jinja string; None uses the
+    # tokenizer's own
+    chat_template: Optional[str] = None
+    # false: loss only on assistant turns / completions; true: on every token
+    train_on_prompt: bool = False
     max_length: int = 2048
+    truncation: str = "truncate"  # what to do with examples longer than max_length: truncate or drop
+    on_error: str = "raise"  # malformed rows: raise (naming file, row and reason) or skip (and count)
+    packing: bool = False
+    num_proc: Optional[int] = None  # processes for preprocessing; None preprocesses in this process
     # held-out rows for the exact-match check printed before and after training
     heldout_path: Optional[str] = None
 
@@ -86,6 +130,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     seed: int = 42
     logging_steps: int = 10
+    eval_steps: int = 100  # validation loss every this many steps, when there is a validation set
     save_steps: int = 500  # 0 saves only the final adapter
     save_total_limit: int = 2
     # refuse to write into a folder that already holds a run unless asked to
@@ -244,12 +289,7 @@ def validate(config: TrainConfig) -> None:
             f"e.g. lora.target_modules=[q_proj,v_proj]."
         )
 
-    data = config.data
-    _choice("data.format", data.format, DATA_FORMATS)
-    _at_least("data.max_length", data.max_length, 8)
-    _validate_local_file("data.path", data.path)
-    if data.heldout_path is not None:
-        _validate_local_file("data.heldout_path", data.heldout_path)
+    _validate_data(config.data)
     _at_least("eval.exact_match_samples", config.eval.exact_match_samples, 0)
     _at_least("eval.max_new_tokens", config.eval.max_new_tokens, 1)
 
@@ -270,6 +310,7 @@ def validate(config: TrainConfig) -> None:
     _choice("training.scheduler", t.scheduler, _scheduler_names())
     _choice("training.optim", t.optim, _optimizer_names())
     _at_least("training.logging_steps", t.logging_steps, 1)
+    _at_least("training.eval_steps", t.eval_steps, 1)
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
 
@@ -289,6 +330,41 @@ def validate_quantization(q: QuantizationConfig) -> None:
             f"quantization.method={q.method}. Pick the quantization group instead "
             f"(quantization={q.method}), or add quantization.double_quant=false."
         )
+
+
+def _validate_data(data: DataConfig) -> None:
+    if data.path is None and not data.datasets:
+        raise QLoRAError(
+            "no training data: set data.path=my.jsonl (one dataset), or data.datasets=[{path: a.jsonl},"
+            "{path: b.jsonl, format: sharegpt}] (several)."
+        )
+    if not data.datasets:
+        _validate_source("data", DatasetSource(data.path, data.format, data.split, data.columns))
+    for index, source in enumerate(data.datasets):
+        _validate_source(f"data.datasets[{index}]", source)
+    _at_least("data.max_length", data.max_length, 8)
+    _choice("data.truncation", data.truncation, TRUNCATION)
+    _choice("data.on_error", data.on_error, ON_ERROR)
+    _at_least("data.val_size", data.val_size, 0)
+    if data.val_size and data.val_path is not None:
+        raise QLoRAError(
+            f"data.val_size={data.val_size} and data.val_path={data.val_path} both ask for a validation set; "
+            f"keep one of them (data.val_size=0 to use the file)."
+        )
+    if data.val_size > 1 and data.val_size != int(data.val_size):
+        raise QLoRAError(
+            f"data.val_size={data.val_size}: use a share below 1 (e.g. 0.05) or a whole number of rows (e.g. 200)."
+        )
+    if data.num_proc is not None:
+        _at_least("data.num_proc", data.num_proc, 1)
+    for key in ("val_path", "heldout_path"):
+        if getattr(data, key) is not None:
+            _validate_local_file(f"data.{key}", getattr(data, key))
+
+
+def _validate_source(key: str, source: DatasetSource) -> None:
+    _choice(f"{key}.format", source.format, DATA_FORMATS)
+    _validate_local_file(f"{key}.path", source.path)
 
 
 def as_plain_dict(config: TrainConfig) -> dict[str, Any]:
@@ -327,8 +403,8 @@ def _validate_local_file(key: str, path: str) -> None:
     is_file_path = path.endswith(_DATA_SUFFIXES) or _looks_local(path)
     if is_file_path and not Path(path).expanduser().exists():
         raise QLoRAError(
-            f"{key}={path} does not exist. Give an existing .jsonl/.json/.parquet/.csv file "
-            f"(relative paths are read from the folder you run in) or a Hub dataset id."
+            f"{key}={path} does not exist. Give an existing .jsonl/.json/.parquet/.csv file or a folder of "
+            f"them (relative paths are read from the folder you run in) or a Hub dataset id."
         )
 
 

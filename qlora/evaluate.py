@@ -17,8 +17,9 @@ from typing import Any
 from trl import SFTConfig, SFTTrainer
 
 from qlora.cli import run_hydra_command
-from qlora.config import EvaluateConfig, typed_config
-from qlora.data import load_sft_dataset
+from qlora.config import DatasetSource, EvaluateConfig, typed_config
+from qlora.data import prepare_sft_data
+from qlora.data.load import load_formatted
 from qlora.errors import QLoRAError
 from qlora.runs import find_adapter, load_adapted_model
 from qlora.stages.heldout import generate_answers, score_answers
@@ -28,10 +29,16 @@ log = logging.getLogger("qlora")
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     adapter_dir, _ = find_adapter(config.run, config.adapter, config.base)  # fail early on a bad run=
-    dataset = load_sft_dataset(config.data.path, config.data.format)
+    if config.data.path is None:
+        raise QLoRAError("nothing to evaluate on: set data.path=eval.jsonl (any format training accepts).")
+    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
+    # tokenized and masked by the same code as training (the adapter's tokenizer keeps its chat template)
+    dataset = prepare_sft_data(config.data, tokenizer, seed=0).train
+    rows = load_formatted(DatasetSource(config.data.path, config.data.format, config.data.split,
+                                        config.data.columns)).dataset
     if config.max_samples is not None:
         dataset = dataset.select(range(min(config.max_samples, len(dataset))))
-    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
+        rows = rows.select(range(min(config.max_samples, len(rows))))
 
     with tempfile.TemporaryDirectory() as scratch:
         # no autocast: the 4-bit layers already compute in the dtype the base was quantized with
@@ -44,9 +51,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"data": config.data.path, "examples": len(dataset), "eval_loss": loss,
                                "perplexity": math.exp(loss)}
 
-    answerable = "completion" in dataset.column_names or "messages" in dataset.column_names
+    answerable = "completion" in rows.column_names or "messages" in rows.column_names
     if config.generation and answerable:
-        prompts, references, answers = generate_answers(model, tokenizer, dataset, config.max_new_tokens,
+        prompts, references, answers = generate_answers(model, tokenizer, rows, config.max_new_tokens,
                                                         config.batch_size)
         scores = score_answers(answers, references, config.regex)
         results.update({name: sum(hits) / len(hits) for name, hits in scores.items()})

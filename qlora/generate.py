@@ -19,8 +19,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, TextStreamer, set_seed
 
 from qlora.cli import run_hydra_command
-from qlora.config import GenerateConfig, typed_config
-from qlora.data.formats import alpaca_prompt
+from qlora.config import GenerateConfig, TrainConfig, typed_config
+from qlora.data.formats import alpaca_prompt, detect_format
+from qlora.data.load import load_rows
 from qlora.errors import QLoRAError
 from qlora.runs import load_adapted_model
 
@@ -49,12 +50,21 @@ def load_model(config: GenerateConfig) -> tuple[PeftModel, PreTrainedTokenizerBa
     model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
     template = config.template
     if template == "auto":
-        trained_on = run.data.format if run else None
-        template = "alpaca" if trained_on == "alpaca" else "chat" if tokenizer.chat_template else "raw"
+        template = "alpaca" if run and trained_format(run) == "alpaca" else "chat" if tokenizer.chat_template else "raw"
     if (template == "chat" or config.chat) and not tokenizer.chat_template:
         raise QLoRAError("the tokenizer has no chat template, so chat=true or template=chat cannot format turns. "
                          "Use template=raw or template=alpaca, or train with a chat template.")
     return model, tokenizer, template
+
+
+def trained_format(run: TrainConfig) -> str | None:
+    """The format of the run's training data: as configured, or detected from its columns again."""
+    if run.data.format != "auto" or run.data.path is None:
+        return run.data.format if run.data.path is not None else None
+    try:
+        return detect_format(load_rows(run.data.path, run.data.split).column_names)
+    except (QLoRAError, OSError):
+        return None  # the training data is gone: fall back to the tokenizer's chat template or raw text
 
 
 def format_prompt(row: dict[str, Any], template: str, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -64,11 +74,13 @@ def format_prompt(row: dict[str, Any], template: str, tokenizer: PreTrainedToken
         if messages and messages[-1]["role"] == "assistant":  # the reference answer, not part of the prompt
             messages = messages[:-1]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if "instruction" in row:  # an alpaca row brings its own shape
+        template = "alpaca"
     text = row.get("prompt", row.get("instruction"))
     if not isinstance(text, str):
         raise QLoRAError(f"cannot find a prompt in {row}: give a prompt, instruction or messages field.")
     if template == "alpaca":
-        return alpaca_prompt(text, row.get("input"))
+        return alpaca_prompt({**row, "instruction": text})
     if template == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)

@@ -19,11 +19,16 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from qlora.config import TrainConfig
-from qlora.data import load_sft_dataset
+from qlora.data import load_sft_dataset, prepare_sft_data
 from qlora.stages.adapters import attach_lora
 from qlora.stages.artifacts import prepare_run_dir, save_adapter
 from qlora.stages.heldout import ExactMatch, exact_match
-from qlora.stages.model import load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.model import (
+    fit_embeddings_to_tokenizer,
+    load_quantized_model,
+    load_tokenizer,
+    prepare_for_kbit_training,
+)
 from qlora.stages.trainer import build_trainer, peak_memory_gib
 
 log = logging.getLogger("qlora")
@@ -53,10 +58,13 @@ def run_training(config: TrainConfig) -> RunSummary:
     with stage("tokenizer", seconds):
         tokenizer = load_tokenizer(config.model)
     with stage("data", seconds):
-        train_dataset = load_sft_dataset(config.data.path, config.data.format)
+        data = prepare_sft_data(config.data, tokenizer, config.training.seed)
         heldout = _heldout_examples(config)
+        if state.is_main_process:
+            (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
         model = load_quantized_model(config.model, config.quantization, state.device)
+        fit_embeddings_to_tokenizer(model, tokenizer)
     with stage("k-bit preparation", seconds):
         model = prepare_for_kbit_training(model, config.training.gradient_checkpointing)
     with stage("LoRA adapters", seconds):
@@ -70,7 +78,7 @@ def run_training(config: TrainConfig) -> RunSummary:
             before = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
         _log_exact_match("before training", before)
     with stage("trainer", seconds):
-        trainer = build_trainer(config, model, tokenizer, train_dataset, run_dir)
+        trainer = build_trainer(config, model, tokenizer, data.train, run_dir, data.validation)
     with stage("train", seconds):
         trainer.train()
     with stage("save adapter", seconds):

@@ -94,11 +94,32 @@ def test_hub_ids_are_not_checked_on_disk():
         ("data.path=no/such/data.jsonl", "data.path=no/such/data.jsonl does not exist"),
         ("model.name_or_path=./no/such/model", "model.name_or_path=./no/such/model does not exist"),
         ("lora.target_modules=[]", "lora.target_modules"),
+        ("data.truncation=cut", "data.truncation=cut is not supported. Allowed values: truncate, drop"),
+        ("data.on_error=ignore", "data.on_error=ignore is not supported. Allowed values: raise, skip"),
+        ("data.val_size=1.5", "data.val_size=1.5: use a share below 1"),
+        ("data.val_size=-1", "data.val_size=-1.0 is out of range"),
+        ("data.num_proc=0", "data.num_proc=0 is out of range"),
+        ("data.datasets=[{path: no/such.jsonl}]", "data.datasets[0].path=no/such.jsonl does not exist"),
+        ("data.path=null", "no training data: set data.path=my.jsonl"),
+        ("training.eval_steps=0", "training.eval_steps=0 is out of range"),
     ],
 )
 def test_bad_values_name_key_and_value(override, expected):
     with pytest.raises(QLoRAError, match=expected.replace("[", r"\[").replace(".", r"\.")):
         compose_config([override])
+
+
+def test_data_keys_compose_from_the_command_line(tmp_path):
+    config = compose_config(["data.columns.instruction=question", "data.packing=true", "data.val_size=0.1",
+                             "data.datasets=[{path: a/b, split: test, format: sharegpt, columns: {text: body}}]"])
+    assert config.data.columns.instruction == "question" and config.data.packing is True
+    source = config.data.datasets[0]
+    assert (source.path, source.split, source.columns.text, source.columns.prompt) == ("a/b", "test", "body", None)
+
+
+def test_a_misspelt_column_field_is_refused_while_composing():
+    with pytest.raises(Exception, match="Could not override 'data.columns.question'"):
+        compose_config(["data.columns.question=q"])
 
 
 def test_nothing_to_train_is_refused():

@@ -1,7 +1,7 @@
-"""Row formats and their conversion to TRL's dataset shapes.
+"""Row formats and their conversion to TRL's dataset shapes: prompt/completion, messages, text.
 
-TRL then does the rest: it tokenizes, applies chat templates, appends EOS, and trains only on the
-completion (prompt/completion rows) or the assistant turns (messages rows, with a template that marks them).
+Each converter checks its row and raises ValueError with the reason (the loader adds the file and row
+index). alpaca rows become prompt/completion, sharegpt rows become messages.
 """
 
 from __future__ import annotations
@@ -16,23 +16,22 @@ ALPACA_PROMPT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
+# With a `system` field, the system text replaces Alpaca's fixed preamble.
+ALPACA_PROMPT_WITH_SYSTEM = "{system}\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 # The fields that identify each format, in the order auto-detection tries them.
 REQUIRED_FIELDS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
 }
+OPTIONAL_FIELDS = {"alpaca": ("input", "system")}
 
-
-def alpaca_prompt(instruction: str, context: str | None = None) -> str:
-    """An instruction (and optional input) in the Stanford Alpaca template, ready for the response."""
-    return ALPACA_PROMPT.format(
-        with_input=", paired with an input that provides further context" if context else "",
-        instruction=instruction,
-        input_block=f"### Input:\n{context}\n\n" if context else "",
-    )
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool"}
 
 
 def detect_format(columns: list[str]) -> str:
@@ -42,19 +41,81 @@ def detect_format(columns: list[str]) -> str:
     raise QLoRAError(
         f"cannot tell the dataset's format from its columns {columns}. Expected one of: "
         + "; ".join(f"{name} ({', '.join(fields)})" for name, fields in REQUIRED_FIELDS.items())
-        + ". Rename the columns or set data.format explicitly."
+        + ". Rename the columns with data.columns (e.g. data.columns.instruction=question) "
+        "or set data.format explicitly."
     )
 
 
 def to_trl_example(row: dict[str, Any], format: str) -> dict[str, Any]:
-    """One row in `format` as TRL's prompt/completion, messages or text example."""
-    missing = [f for f in REQUIRED_FIELDS[format] if not isinstance(row.get(f), (str, list)) or not row.get(f)]
-    if missing:
-        raise ValueError(f"missing or empty field(s) {missing} for data.format={format}")
+    """One row in `format` as TRL's prompt/completion, messages or text example (ValueError if malformed)."""
+    if format in ("alpaca", "prompt_completion", "text"):
+        for name in REQUIRED_FIELDS[format]:
+            _require_text(row, name)
+        for name in OPTIONAL_FIELDS.get(format, ()):
+            if row.get(name) is not None and not isinstance(row[name], str):
+                raise ValueError(f"field {name!r} must be text, got {type(row[name]).__name__}")
     if format == "alpaca":
-        return {"prompt": alpaca_prompt(row["instruction"], row.get("input")), "completion": row["output"]}
+        return {"prompt": alpaca_prompt(row), "completion": row["output"]}
     if format == "prompt_completion":
         return {"prompt": row["prompt"], "completion": row["completion"]}
-    if format == "messages":
-        return {"messages": row["messages"]}
-    return {"text": row["text"]}
+    if format == "text":
+        return {"text": row["text"]}
+    if format == "sharegpt":
+        turns = _require_turns(row, "conversations")
+        return {"messages": [_sharegpt_message(turn, i) for i, turn in enumerate(turns)]}
+    turns = _require_turns(row, "messages")
+    return {"messages": [_chat_message(turn, i) for i, turn in enumerate(turns)]}
+
+
+def alpaca_prompt(row: dict[str, Any]) -> str:
+    context = row.get("input") or ""
+    input_block = f"### Input:\n{context}\n\n" if context else ""
+    if row.get("system"):
+        return ALPACA_PROMPT_WITH_SYSTEM.format(
+            system=row["system"], instruction=row["instruction"], input_block=input_block
+        )
+    return ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if context else "",
+        instruction=row["instruction"],
+        input_block=input_block,
+    )
+
+
+def _require_text(row: dict[str, Any], name: str) -> None:
+    value = row.get(name)
+    if value is None:
+        raise ValueError(f"missing field {name!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"field {name!r} is empty")
+
+
+def _require_turns(row: dict[str, Any], name: str) -> list:
+    turns = row.get(name)
+    if turns is None:
+        raise ValueError(f"missing field {name!r}")
+    if not isinstance(turns, list):
+        raise ValueError(f"field {name!r} must be a list of turns, got {type(turns).__name__}")
+    if not turns:
+        raise ValueError(f"field {name!r} is an empty conversation")
+    return turns
+
+
+def _sharegpt_message(turn: Any, index: int) -> dict[str, str]:
+    if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+        raise ValueError(f"turn {index} must have 'from' and 'value', got {turn!r}")
+    role = SHAREGPT_ROLES.get(turn["from"])
+    if role is None:
+        raise ValueError(f"turn {index} has unknown speaker from={turn['from']!r}; use one of {sorted(SHAREGPT_ROLES)}")
+    return _chat_message({"role": role, "content": turn["value"]}, index)
+
+
+def _chat_message(turn: Any, index: int) -> dict[str, str]:
+    if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+        raise ValueError(f"turn {index} must have 'role' and 'content', got {turn!r}")
+    if turn["role"] not in ROLES:
+        raise ValueError(f"turn {index} has unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
+    if not isinstance(turn["content"], str):
+        raise ValueError(f"turn {index} content must be text, got {type(turn['content']).__name__}")
+    return {"role": turn["role"], "content": turn["content"]}

@@ -26,12 +26,37 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
             f"local model folder nor reachable on the Hugging Face Hub (offline, gated without a token, "
             f"or misspelt). Details: {error}"
         ) from error
-    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
-        # Padding with EOS would teach the model nothing wrong (padding is masked), but it makes EOS
-        # ambiguous in batches; UNK is never a real target.
-        tokenizer.pad_token = tokenizer.unk_token
-        log.info("tokenizer has no pad token: padding with its unk token %r", tokenizer.unk_token)
+    if tokenizer.pad_token is None:
+        set_pad_token(tokenizer)
     return tokenizer
+
+
+def set_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer without one a pad token that is not EOS, reusing a token the model already has.
+
+    Padding with EOS makes EOS ambiguous in batches, and collators that mask padding by id would then
+    mask the real EOS too, so the model would never learn to stop. UNK, or an unused reserved token
+    (Llama 3 has 250), is never a real target; only when there is none is a new token added.
+    """
+    added = sorted(tokenizer.get_added_vocab(), key=lambda token: tokenizer.convert_tokens_to_ids(token))
+    candidates = [tokenizer.unk_token]
+    candidates += [t for t in added if "pad" in t.lower()] + [t for t in added if "reserved" in t]
+    for token in candidates:
+        if token is not None and token != tokenizer.eos_token:
+            tokenizer.pad_token = token
+            log.info("tokenizer has no pad token: padding with %r rather than EOS, so that EOS stays a target", token)
+            return
+    tokenizer.add_special_tokens({"pad_token": "<|qlora_pad|>"})
+    log.warning(
+        "tokenizer has no pad token and no unused one to reuse: added <|qlora_pad|> (not EOS, so that EOS stays "
+        "a target); the model's embeddings are resized to match"
+    )
+
+
+def fit_embeddings_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings when the tokenizer gained a token (a new pad token); padding is never trained."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
 
 
 def build_bnb_config(quantization: QuantizationConfig) -> BitsAndBytesConfig | None:

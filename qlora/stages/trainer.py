@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 from qlora.config import TrainConfig
 
 
-def build_sft_config(config: TrainConfig, checkpoints_dir: Path) -> SFTConfig:
+def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False) -> SFTConfig:
     t = config.training
     compute_dtype = config.quantization.compute_dtype
     return SFTConfig(
@@ -44,6 +44,12 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path) -> SFTConfig:
         save_steps=t.save_steps if t.save_steps > 0 else 500,
         save_total_limit=t.save_total_limit,
         max_length=config.data.max_length,
+        # qlora.data already tokenized, masked and truncated the examples; TRL packs them with the BFD
+        # strategy, padding-free with position ids so that packed examples never attend to each other
+        packing=config.data.packing,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.batch_size,
         report_to="none",
     )
 
@@ -54,11 +60,13 @@ def build_trainer(
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: datasets.Dataset,
     run_dir: Path,
+    eval_dataset: datasets.Dataset | None = None,
 ) -> SFTTrainer:
     trainer = SFTTrainer(
         model=model,
-        args=build_sft_config(config, run_dir / "checkpoints"),
+        args=build_sft_config(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
     )
@@ -86,6 +94,9 @@ class MetricsFile(TrainerCallback):
         self._last_time = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "eval_loss" in logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"]}) + "\n")
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))

@@ -1,0 +1,92 @@
+"""The data stage: every source loaded, formatted, tokenized and counted; concatenated; a validation split."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+
+import datasets
+from accelerate import PartialState
+from transformers import PreTrainedTokenizerBase
+
+from qlora.config import DataConfig, DatasetSource
+from qlora.data.load import FormattedRows, load_formatted
+from qlora.data.templates import resolve_chat_template
+from qlora.data.tokenization import DataStats, TokenizeOptions, length_percentiles, tokenize_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTData:
+    """What the trainer gets: tokenized train (and validation) examples, and what preprocessing did."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    stats: DataStats
+    validation_stats: DataStats | None
+
+
+def data_sources(data: DataConfig) -> list[DatasetSource]:
+    """data.datasets, or else the one dataset of data.path."""
+    if data.datasets:
+        if data.path is not None:
+            log.info("data.datasets is set: training on its %d datasets, not on data.path", len(data.datasets))
+        return list(data.datasets)
+    assert data.path is not None  # validate() requires path or datasets
+    return [DatasetSource(path=data.path, format=data.format, split=data.split, columns=data.columns)]
+
+
+def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> SFTData:
+    """Tokenized training and validation examples for `data`, preprocessed by the main process first.
+
+    Under `accelerate launch` the other processes wait, then read the main process's result from the
+    datasets cache instead of tokenizing again.
+    """
+    with PartialState().main_process_first():
+        parts = [_tokenize_source(source, data, tokenizer) for source in data_sources(data)]
+        train = datasets.concatenate_datasets([part for part, _ in parts])
+        stats = _sum_stats([part_stats for _, part_stats in parts], train)
+        if len(parts) > 1:
+            train = train.shuffle(seed=seed)
+        validation = validation_stats = None
+        if data.val_path is not None:
+            val_source = DatasetSource(path=data.val_path, columns=data.columns)
+            validation, validation_stats = _tokenize_source(val_source, data, tokenizer)
+        elif data.val_size:
+            size = data.val_size if data.val_size < 1 else int(data.val_size)
+            split = train.train_test_split(test_size=size, seed=seed)
+            train, validation = split["train"], split["test"]
+    log.info("training data: %s", stats.describe())
+    if validation is not None:
+        log.info("validation data: %d examples", len(validation))
+    return SFTData(train, validation, stats, validation_stats)
+
+
+def _tokenize_source(
+    source: DatasetSource, data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[datasets.Dataset, DataStats]:
+    rows: FormattedRows = load_formatted(source, data.on_error, data.num_proc)
+    chat_template = None
+    if "messages" in rows.dataset.column_names:
+        chat_template = resolve_chat_template(tokenizer, data.chat_template, data.train_on_prompt)
+        # saved with the adapter's tokenizer, so that inference renders conversations as training did
+        tokenizer.chat_template = chat_template
+    options = TokenizeOptions(
+        max_length=data.max_length,
+        truncation=data.truncation,
+        train_on_prompt=data.train_on_prompt,
+        chat_template=chat_template,
+        num_proc=data.num_proc,
+    )
+    tokenized, stats = tokenize_dataset(rows.dataset, tokenizer, options, skipped=rows.skipped)
+    log.info("%s (%s): %s", source.path, rows.format, stats.describe())
+    return tokenized, stats
+
+
+def _sum_stats(parts: list[DataStats], train: datasets.Dataset) -> DataStats:
+    if len(parts) == 1:
+        return parts[0]
+    names = [f.name for f in fields(DataStats) if f.name != "length_percentiles"]
+    counts = {name: sum(getattr(part, name) for part in parts) for name in names}
+    return DataStats(**counts, length_percentiles=length_percentiles(train))
