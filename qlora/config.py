@@ -22,6 +22,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 @dataclass
@@ -90,6 +91,11 @@ class TrainingConfig:
     save_total_limit: int = 2
     # refuse to write into a folder that already holds a run unless asked to
     overwrite_output_dir: bool = False
+    # null: start from step 0; auto: the newest complete checkpoint in output_dir (or step 0 if none);
+    # a path: that checkpoint folder
+    resume: Optional[str] = None
+    # a step whose loss or gradients are NaN/inf: stop with an error, or skip the optimizer update
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -220,6 +226,12 @@ def validate(config: TrainConfig) -> None:
     _at_least("training.logging_steps", t.logging_steps, 1)
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
+    _choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
+    if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
+        raise QLoRAError(
+            f"training.resume={t.resume} is not a folder: use training.resume=auto (the newest checkpoint in "
+            f"training.output_dir) or the path of a checkpoint folder, e.g. {t.output_dir}/checkpoints/checkpoint-500."
+        )
 
 
 def as_plain_dict(config: TrainConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def train(cfg: DictConfig) -> None:
         run_training(config)
     except QLoRAError as error:
         print(f"qlora: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_code)
 
 
 def main() -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from qlora.config import TrainConfig
+from qlora.stages.checkpoints import AtomicCheckpointTrainer
 
 
 def build_sft_config(config: TrainConfig, checkpoints_dir: Path) -> SFTConfig:
@@ -54,13 +55,16 @@ def build_trainer(
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: datasets.Dataset,
     run_dir: Path,
-) -> SFTTrainer:
-    trainer = SFTTrainer(
+    callbacks: list[TrainerCallback],
+    resuming: bool = False,
+) -> AtomicCheckpointTrainer:
+    trainer = AtomicCheckpointTrainer(
         model=model,
         args=build_sft_config(config, run_dir / "checkpoints"),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming), *callbacks],
+        qlora_config=config,
     )
     # TRL casts the adapters of a quantized model to bf16 (the QLoRA paper's choice for bf16 compute).
     # With float32 compute (the CPU) keep them in float32: bf16 weights would drop small updates and
@@ -75,13 +79,14 @@ def build_trainer(
 class MetricsFile(TrainerCallback):
     """Append each logged step to metrics.jsonl: loss, lr, grad norm, tokens/s and peak memory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
+        self.append = append  # a resumed run continues the rows of the steps it keeps
         self._last_time = time.perf_counter()
         self._last_tokens = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and not self.append:
             self.path.write_text("")  # a fresh file, also under training.overwrite_output_dir=true
         self._last_time = time.perf_counter()
 
