@@ -7,6 +7,7 @@ import yaml
 
 import pytest
 
+from qlora.config import compose_config
 from qlora.pipeline import run_training
 
 # The tiny recipe's first four losses on the CPU (seed 42, batch 16). A change that alters the
@@ -37,3 +38,14 @@ def test_run_folder_holds_config_metrics_adapter_and_summary(tiny_config):
     assert summary.exact_match_before == 0.0
     assert summary.exact_match_after > summary.exact_match_before
     assert json.loads(open(f"{run_dir}/summary.json").read())["exact_match_after"] == summary.exact_match_after
+
+
+def test_same_seed_and_config_give_the_same_losses(tmp_path):
+    overrides = ["training.max_steps=3", "training.batch_size=4", "training.logging_steps=1", "eval.exact_match_samples=0"]
+    losses = []
+    for attempt in ("first", "second"):
+        config = compose_config([f"training.output_dir={tmp_path / attempt}", *overrides])
+        run_training(config)
+        losses.append([json.loads(line)["loss"] for line in open(f"{config.training.output_dir}/metrics.jsonl")])
+    assert len(losses[0]) == 3
+    assert losses[0] == losses[1]  # bit-identical, not approximately equal
