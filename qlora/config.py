@@ -23,6 +23,7 @@ QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
 NONFINITE_ACTIONS = ("stop", "skip")
+AUTO_BATCH_SIZE_START = 64  # training.batch_size=auto: the first size tried (transformers' auto_find_batch_size)
 
 
 @dataclass
@@ -76,7 +77,8 @@ class TrainingConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    batch_size: int = 4
+    # per device; "auto" starts at AUTO_BATCH_SIZE_START and shrinks by 10% on out-of-memory until a step fits
+    batch_size: Any = 4
     grad_accum: int = 4
     lr: float = 2e-4
     scheduler: str = "cosine"
@@ -213,7 +215,12 @@ def validate(config: TrainConfig) -> None:
             f"nothing to train: training.max_steps={t.max_steps} and training.epochs={t.epochs}. "
             f"Set training.max_steps to a positive number of steps or training.epochs above 0."
         )
-    _at_least("training.batch_size", t.batch_size, 1)
+    if t.batch_size != "auto" and not (isinstance(t.batch_size, int) and not isinstance(t.batch_size, bool)
+                                       and t.batch_size >= 1):
+        raise QLoRAError(
+            f"training.batch_size={t.batch_size} is not valid: use a whole number of at least 1, or "
+            f"training.batch_size=auto to find the largest batch that fits in memory."
+        )
     _at_least("training.grad_accum", t.grad_accum, 1)
     if not t.lr > 0:
         raise QLoRAError(f"training.lr={t.lr} must be positive, e.g. training.lr=2e-4.")

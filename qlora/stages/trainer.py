@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig
 
-from qlora.config import TrainConfig
+from qlora.config import AUTO_BATCH_SIZE_START, TrainConfig
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
 
 
@@ -24,7 +24,8 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path) -> SFTConfig:
         output_dir=str(checkpoints_dir),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=AUTO_BATCH_SIZE_START if t.batch_size == "auto" else t.batch_size,
+        auto_find_batch_size=t.batch_size == "auto",  # accelerate shrinks it 10% per out-of-memory
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
