@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import datasets
 import torch
@@ -56,7 +57,7 @@ def build_trainer(
     tokenizer: PreTrainedTokenizerBase,
     train_dataset: datasets.Dataset,
     run_dir: Path,
-    callbacks: list[TrainerCallback],
+    callbacks: Sequence[TrainerCallback] = (),
     resuming: bool = False,
 ) -> AtomicCheckpointTrainer:
     trainer = AtomicCheckpointTrainer(
