@@ -1,5 +1,5 @@
 """What every `python -m qlora.X key=value ...` command shares: Hydra composition over the schema,
-and user errors printed as one paragraph (exit code 2) instead of a traceback."""
+and user errors printed as one paragraph (exit code 2; 128 + N after signal N) instead of a traceback."""
 
 from __future__ import annotations
 
@@ -22,6 +22,6 @@ def run_hydra_command(config_name: str, command: Callable[[DictConfig], None]) -
             command(cfg)
         except QLoRAError as error:
             print(f"qlora: error: {error}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(error.exit_code)
 
     hydra.main(config_path=str(configs_dir()), config_name=config_name, version_base="1.3")(guarded)()

@@ -24,6 +24,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
+NONFINITE_ACTIONS = ("stop", "skip")
+AUTO_BATCH_SIZE_START = 64  # training.batch_size=auto: the first size tried (transformers' auto_find_batch_size)
 
 
 @dataclass
@@ -112,6 +114,8 @@ class EvalConfig:
     # number of held-out prompts answered greedily before and after training (0 turns the check off)
     exact_match_samples: int = 32
     max_new_tokens: int = 16
+    # also answer the held-out prompts every training.eval_steps and log the scores to metrics.jsonl
+    during_training: bool = False
 
 
 @dataclass
@@ -119,7 +123,8 @@ class TrainingConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    batch_size: int = 4
+    # per device; "auto" starts at AUTO_BATCH_SIZE_START and shrinks by 10% on out-of-memory until a step fits
+    batch_size: Any = 4
     grad_accum: int = 4
     lr: float = 2e-4
     scheduler: str = "cosine"
@@ -135,6 +140,11 @@ class TrainingConfig:
     save_total_limit: int = 2
     # refuse to write into a folder that already holds a run unless asked to
     overwrite_output_dir: bool = False
+    # null: start from step 0; auto: the newest complete checkpoint in output_dir (or step 0 if none);
+    # a path: that checkpoint folder
+    resume: Optional[str] = None
+    # a step whose loss or gradients are NaN/inf: stop with an error, or skip the optimizer update
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -299,7 +309,12 @@ def validate(config: TrainConfig) -> None:
             f"nothing to train: training.max_steps={t.max_steps} and training.epochs={t.epochs}. "
             f"Set training.max_steps to a positive number of steps or training.epochs above 0."
         )
-    _at_least("training.batch_size", t.batch_size, 1)
+    if t.batch_size != "auto" and not (isinstance(t.batch_size, int) and not isinstance(t.batch_size, bool)
+                                       and t.batch_size >= 1):
+        raise QLoRAError(
+            f"training.batch_size={t.batch_size} is not valid: use a whole number of at least 1, or "
+            f"training.batch_size=auto to find the largest batch that fits in memory."
+        )
     _at_least("training.grad_accum", t.grad_accum, 1)
     if not t.lr > 0:
         raise QLoRAError(f"training.lr={t.lr} must be positive, e.g. training.lr=2e-4.")
@@ -313,6 +328,12 @@ def validate(config: TrainConfig) -> None:
     _at_least("training.eval_steps", t.eval_steps, 1)
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
+    _choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
+    if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
+        raise QLoRAError(
+            f"training.resume={t.resume} is not a folder: use training.resume=auto (the newest checkpoint in "
+            f"training.output_dir) or the path of a checkpoint folder, e.g. {t.output_dir}/checkpoints/checkpoint-500."
+        )
 
 
 def validate_model(model: ModelConfig) -> None:

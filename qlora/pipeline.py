@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -15,14 +17,18 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import datasets
+import torch
 from accelerate import PartialState
 from transformers import set_seed
 
 from qlora.config import TrainConfig
 from qlora.data import load_sft_dataset, prepare_sft_data
+from qlora.errors import TrainingInterrupted
 from qlora.stages.adapters import attach_lora
 from qlora.stages.artifacts import prepare_run_dir, save_adapter
-from qlora.stages.heldout import ExactMatch, exact_match
+from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
+from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, out_of_memory_error
+from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
 from qlora.stages.model import (
     fit_embeddings_to_tokenizer,
     load_quantized_model,
@@ -48,8 +54,11 @@ class RunSummary:
 def run_training(config: TrainConfig) -> RunSummary:
     state = PartialState()
     run_dir = Path(config.training.output_dir).expanduser()
+    resume_from = find_resume_checkpoint(config)  # refuses a checkpoint that does not fit, before any write
+    resuming = config.training.resume is not None
+    resume_step = checkpoint_step(resume_from) if resume_from else (0 if resuming else None)
     if state.is_main_process:
-        run_dir = prepare_run_dir(config)
+        run_dir = prepare_run_dir(config, resume_step)
         _log_to_file(run_dir / "train.log")
     state.wait_for_everyone()
     seconds: dict[str, float] = {}
@@ -71,16 +80,29 @@ def run_training(config: TrainConfig) -> RunSummary:
         model = attach_lora(model, config.lora)
         trainable, total = model.get_nb_trainable_parameters()
         log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if state.is_main_process:
+        check_free_space(run_dir, trainable, config.training.save_total_limit)
 
     before = after = None
     if heldout is not None:
         with stage("held-out check (before)", seconds):
             before = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
         _log_exact_match("before training", before)
+    stop = StopOnSignal()
+    guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr)
     with stage("trainer", seconds):
-        trainer = build_trainer(config, model, tokenizer, data.train, run_dir, data.validation)
+        callbacks = [stop, guard]
+        if heldout is not None and config.eval.during_training:
+            callbacks.append(HeldoutEvaluation(heldout, tokenizer, config.eval.max_new_tokens,
+                                               config.training.eval_steps, run_dir / "metrics.jsonl"))
+        trainer = build_trainer(config, model, tokenizer, data.train, run_dir, data.validation, callbacks, resuming)
     with stage("train", seconds):
-        trainer.train()
+        if resume_from is not None:
+            log.info("resuming from %s", resume_from)
+        with stop.handling_signals():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.received is not None:
+        raise _interrupted(stop.received, trainer.state.global_step, run_dir)
     with stage("save adapter", seconds):
         adapter_dir = run_dir / "adapter"
         if state.is_main_process:
@@ -109,11 +131,25 @@ def run_training(config: TrainConfig) -> RunSummary:
 
 @contextmanager
 def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
-    """Time a stage and log its wall time and peak memory so far."""
+    """Time a stage and log its wall time and peak memory so far; out of memory names the stage."""
     start = time.perf_counter()
-    yield
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory_error(name) from error
     seconds[name] = round(time.perf_counter() - start, 3)
     log.info("stage %-24s %7.1f s   peak memory %.2f GiB", name, seconds[name], peak_memory_gib())
+
+
+def _interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
+    checkpoint = newest_checkpoint(run_dir / "checkpoints")
+    kept = [arg for arg in sys.argv[1:] if not arg.startswith(("training.resume=", "training.output_dir="))]
+    command = " ".join(["python -m qlora.train", *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
+    return TrainingInterrupted(
+        f"training stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {checkpoint}. "
+        f"Resume with: {command}",
+        signum,
+    )
 
 
 def _heldout_examples(config: TrainConfig) -> datasets.Dataset | None:

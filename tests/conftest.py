@@ -45,3 +45,13 @@ def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | No
         [sys.executable, "-m", command, *args], cwd=cwd, env=env, input=input, capture_output=True, text=True,
         timeout=600,
     )
+
+
+def run_with_fault(fault: str, step: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run qlora.train ARGS with a fault injected at `step` (see tests/fault_injection.py)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    script = Path(__file__).resolve().parent / "fault_injection.py"
+    return subprocess.run(
+        [sys.executable, str(script), fault, str(step), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )

@@ -1,12 +1,17 @@
 """Loading stages on the tiny model: real bitsandbytes layers, frozen base, trainable LoRA."""
 
+import sys
+
 import bitsandbytes as bnb
+import bitsandbytes.cextension
 import pytest
 import torch
 
 from qlora.config import QuantizationConfig
+from qlora.errors import QLoRAError
 from qlora.stages.adapters import attach_lora
-from qlora.stages.model import build_bnb_config, load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.model import build_bnb_config, check_device_support, load_quantized_model, load_tokenizer
+from qlora.stages.model import prepare_for_kbit_training
 
 CPU = torch.device("cpu")
 
@@ -56,3 +61,30 @@ def test_missing_hub_model_is_a_clear_error(tiny_config):
     config = tiny_config("model.name_or_path=no-such-org/no-such-model")
     with pytest.raises(Exception, match="model.name_or_path=no-such-org/no-such-model"):
         load_tokenizer(config.model)
+
+
+def test_bf16_on_a_gpu_without_bf16_is_an_early_error(tiny_config, monkeypatch):
+    config = tiny_config("quantization.compute_dtype=bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+    with pytest.raises(QLoRAError, match="Tesla T4 has no bfloat16 support.*quantization.compute_dtype=float16"):
+        check_device_support(config.model, config.quantization, torch.device("cuda"))
+
+
+def test_bitsandbytes_without_a_usable_backend_is_an_early_error(tiny_config, monkeypatch):
+    config = tiny_config()
+    monkeypatch.setattr(bnb.cextension, "lib", bnb.cextension.ErrorHandlerMockBNBNativeLibrary("no libcudart"))
+    with pytest.raises(QLoRAError, match="no usable backend for the cuda device.*quantization=none"):
+        check_device_support(config.model, config.quantization, torch.device("cuda"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(QLoRAError, match="needs bitsandbytes, which cannot be imported"):
+        check_device_support(config.model, config.quantization, CPU)
+    check_device_support(config.model, QuantizationConfig(method="none", double_quant=False), CPU)  # no bnb needed
+
+
+def test_model_without_gradient_checkpointing_is_an_early_error(tiny_config, monkeypatch):
+    config = tiny_config()
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    monkeypatch.setattr(type(model), "supports_gradient_checkpointing", False)
+    with pytest.raises(QLoRAError, match="does not support gradient checkpointing.*gradient_checkpointing=false"):
+        prepare_for_kbit_training(model, gradient_checkpointing=True)

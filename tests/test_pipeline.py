@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, set_seed
 
-from qlora.config import ASSETS_DIR
+from qlora.config import ASSETS_DIR, compose_config
 from qlora.data import prepare_sft_data
 from qlora.pipeline import run_training
 from qlora.stages.adapters import attach_lora
@@ -96,3 +96,24 @@ def test_chat_data_trains_and_the_adapter_keeps_its_chat_template(tiny_config):
     assert summary.train_loss_first > 0
     saved = AutoTokenizer.from_pretrained(Path(summary.adapter_dir))
     assert "{%- generation %}" in saved.chat_template and "<|im_start|>" in saved.chat_template
+
+
+def test_same_seed_and_config_give_the_same_losses(tmp_path):
+    overrides = ["training.max_steps=3", "training.batch_size=4", "training.logging_steps=1", "eval.exact_match_samples=0"]
+    losses = []
+    for attempt in ("first", "second"):
+        config = compose_config([f"training.output_dir={tmp_path / attempt}", *overrides])
+        run_training(config)
+        losses.append([json.loads(line)["loss"] for line in open(f"{config.training.output_dir}/metrics.jsonl")])
+    assert len(losses[0]) == 3
+    assert losses[0] == losses[1]  # bit-identical, not approximately equal
+
+
+def test_heldout_answers_are_scored_during_training(tiny_config):
+    config = tiny_config("eval.during_training=true", "training.eval_steps=2", "training.max_steps=4",
+                         "eval.exact_match_samples=4", "eval.max_new_tokens=2")
+    run_training(config)
+    rows = [json.loads(line) for line in open(f"{config.training.output_dir}/metrics.jsonl")]
+    scored = [row for row in rows if "heldout_exact_match" in row]
+    assert [row["step"] for row in scored] == [2, 4]
+    assert all(0.0 <= row["heldout_exact_match"] <= row["heldout_contains"] <= 1.0 for row in scored)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from peft import PeftModel
@@ -20,21 +21,53 @@ from qlora.errors import QLoRAError
 PACKAGES = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "hydra-core")
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Create the run folder and write the resolved config and environment into it."""
+# What a run writes at the top of its folder; a resumed run moves the earlier ones aside, never over them.
+RUN_OUTPUTS = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "adapter")
+
+
+def prepare_run_dir(config: TrainConfig, resume_step: Optional[int] = None) -> Path:
+    """Create the run folder and write the resolved config and environment into it.
+
+    `resume_step` (training.resume set; 0 when no checkpoint was found) allows a folder with files:
+    the earlier attempt's outputs move to before-resume-<step>/ and its metrics up to that step are kept.
+    """
     run_dir = Path(config.training.output_dir).expanduser()
-    if run_dir.exists() and any(run_dir.iterdir()) and not config.training.overwrite_output_dir:
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if occupied and resume_step is None and not config.training.overwrite_output_dir:
         raise QLoRAError(
             f"training.output_dir={run_dir} already holds files from an earlier run; refusing to write over "
-            f"them. Choose another training.output_dir, or set training.overwrite_output_dir=true."
+            f"them. Continue it with training.resume=auto, choose another training.output_dir, or set "
+            f"training.overwrite_output_dir=true."
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if occupied and resume_step is not None:
+            _move_earlier_outputs(run_dir, resume_step)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(as_plain_dict(config), sort_keys=False))
+        (run_dir / "environment.json").write_text(json.dumps(describe_environment(), indent=2) + "\n")
     except OSError as error:
-        raise QLoRAError(f"cannot create training.output_dir={run_dir}: {error}") from error
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(as_plain_dict(config), sort_keys=False))
-    (run_dir / "environment.json").write_text(json.dumps(describe_environment(), indent=2) + "\n")
+        raise QLoRAError(
+            f"cannot write to training.output_dir={run_dir}: {error}. Choose a folder you can write to."
+        ) from error
     return run_dir
+
+
+def _move_earlier_outputs(run_dir: Path, resume_step: int) -> None:
+    earlier = run_dir / f"before-resume-{resume_step}"
+    suffix = 1
+    while earlier.exists():  # resumed from the same step more than once
+        suffix += 1
+        earlier = run_dir / f"before-resume-{resume_step}.{suffix}"
+    present = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not present:
+        return
+    earlier.mkdir()
+    for name in present:
+        (run_dir / name).rename(earlier / name)
+    if (earlier / "metrics.jsonl").exists():
+        kept = [line for line in (earlier / "metrics.jsonl").read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step]
+        (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
 
 def describe_environment() -> dict:
@@ -57,7 +90,7 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, run_dir: 
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    if final.exists():  # only with training.overwrite_output_dir=true
+    if final.exists():  # only with training.overwrite_output_dir=true (a resume moved it aside)
         shutil.rmtree(final)
     partial.rename(final)
     return final

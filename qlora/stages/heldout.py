@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import datasets
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 
 @dataclass
@@ -85,6 +87,24 @@ def score_answers(answers: list[str], references: list[str], regex: Optional[str
             for m, r in zip(found, references)
         ]
     return scores
+
+
+class HeldoutEvaluation(TrainerCallback):
+    """Every `every` steps, answer the held-out prompts and append the scores to metrics.jsonl
+    (eval.during_training=true), so answer quality can be followed as training goes."""
+
+    def __init__(self, examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+                 every: int, metrics_path: Path):
+        self.examples, self.tokenizer, self.max_new_tokens = examples, tokenizer, max_new_tokens
+        self.every, self.metrics_path = every, metrics_path
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every or not state.is_world_process_zero:
+            return
+        _, references, answers = generate_answers(model, self.tokenizer, self.examples, self.max_new_tokens)
+        scores = {f"heldout_{name}": sum(hits) / len(hits) for name, hits in score_answers(answers, references).items()}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": state.global_step, **scores}) + "\n")
 
 
 def _prompt_and_reference(example: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:

@@ -82,6 +82,7 @@ def load_quantized_model(
     Under `accelerate launch` every process passes its own device, so each holds a full copy (DDP);
     device_map="auto" would instead spread one copy over all GPUs.
     """
+    check_device_support(model, quantization, device)
     if model.trust_remote_code:
         log.warning("model.trust_remote_code=true: running code shipped with %s", model.name_or_path)
     saved = saved_quantization(model)
@@ -151,8 +152,45 @@ def describe_quantization(quantization: QuantizationConfig) -> str:
     return f"{quantization.method}{double}, {quantization.compute_dtype} compute"
 
 
+def check_device_support(model: ModelConfig, quantization: QuantizationConfig, device: torch.device) -> None:
+    """Refuse, before loading gigabytes, a dtype the device lacks or a bitsandbytes that cannot run on it."""
+    wants_bf16 = "bfloat16" in (model.dtype, quantization.compute_dtype)
+    if wants_bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise QLoRAError(
+            f"bfloat16 is requested (model.dtype={model.dtype}, quantization.compute_dtype="
+            f"{quantization.compute_dtype}) but {torch.cuda.get_device_name(device)} has no bfloat16 support "
+            f"(it needs compute capability 8.0, e.g. A100, H100, RTX 30xx). Set "
+            f"quantization.compute_dtype=float16 and model.dtype=float16."
+        )
+    if quantization.method == "none":
+        return
+    try:
+        import bitsandbytes
+        from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+    except ImportError as error:
+        raise QLoRAError(
+            f"quantization.method={quantization.method} needs bitsandbytes, which cannot be imported ({error}). "
+            f"Install it with `pip install bitsandbytes`, or train without quantization: quantization=none."
+        ) from error
+    # bitsandbytes imports without its native library and only fails at the first quantized matmul
+    if device.type not in bitsandbytes.supported_torch_devices or (
+        device.type == "cuda" and isinstance(lib, ErrorHandlerMockBNBNativeLibrary)
+    ):
+        raise QLoRAError(
+            f"bitsandbytes {bitsandbytes.__version__} has no usable backend for the {device.type} device "
+            f"(its native library did not load; `python -m bitsandbytes` shows why). Reinstall bitsandbytes "
+            f"for your CUDA version, or train without quantization: quantization=none."
+        )
+
+
 def prepare_for_kbit_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
     """peft's k-bit preparation: freeze the base, upcast norms, make inputs require grad."""
+    if gradient_checkpointing and not model.supports_gradient_checkpointing:
+        raise QLoRAError(
+            f"training.gradient_checkpointing=true, but {type(model).__name__} does not support gradient "
+            f"checkpointing. Set training.gradient_checkpointing=false (and lower training.batch_size or "
+            f"data.max_length if memory runs short)."
+        )
     return prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=gradient_checkpointing,

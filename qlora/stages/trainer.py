@@ -7,13 +7,15 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
-from qlora.config import TrainConfig
+from qlora.config import AUTO_BATCH_SIZE_START, TrainConfig
+from qlora.stages.checkpoints import AtomicCheckpointTrainer
 
 
 def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False) -> SFTConfig:
@@ -23,7 +25,8 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         output_dir=str(checkpoints_dir),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=AUTO_BATCH_SIZE_START if t.batch_size == "auto" else t.batch_size,
+        auto_find_batch_size=t.batch_size == "auto",  # accelerate shrinks it 10% per out-of-memory
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
@@ -61,14 +64,17 @@ def build_trainer(
     train_dataset: datasets.Dataset,
     run_dir: Path,
     eval_dataset: datasets.Dataset | None = None,
-) -> SFTTrainer:
-    trainer = SFTTrainer(
+    callbacks: Sequence[TrainerCallback] = (),
+    resuming: bool = False,
+) -> AtomicCheckpointTrainer:
+    trainer = AtomicCheckpointTrainer(
         model=model,
         args=build_sft_config(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming), *callbacks],
+        qlora_config=config,
     )
     # TRL casts the adapters of a quantized model to bf16 (the QLoRA paper's choice for bf16 compute).
     # With float32 compute (the CPU) keep them in float32: bf16 weights would drop small updates and
@@ -83,13 +89,14 @@ def build_trainer(
 class MetricsFile(TrainerCallback):
     """Append each logged step to metrics.jsonl: loss, lr, grad norm, tokens/s and peak memory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
+        self.append = append  # a resumed run continues the rows of the steps it keeps
         self._last_time = time.perf_counter()
         self._last_tokens = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and not self.append:
             self.path.write_text("")  # a fresh file, also under training.overwrite_output_dir=true
         self._last_time = time.perf_counter()
 

@@ -1,0 +1,130 @@
+"""Faults during training turned into clear errors: signals, NaN/inf steps, out of memory, a full disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from qlora.errors import QLoRAError
+from qlora.stages.checkpoints import newest_checkpoint
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or SIGINT: finish the current step, save a checkpoint and stop; a second signal exits at once.
+
+    Preemptible machines and schedulers send SIGTERM and wait a little before SIGKILL; Ctrl-C sends
+    SIGINT. Stopping at a step end keeps optimizer and data position consistent for an exact resume.
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+
+    @contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            print(f"qlora: {signal.Signals(signum).name} again: exiting now without saving; the last complete "
+                  f"checkpoint is kept.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signum
+        log.warning("%s received: saving a checkpoint at the end of this step, then stopping "
+                    "(send it again to exit at once)", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True  # also with training.save_steps=0
+            control.should_training_stop = True
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Check the gradients before each optimizer update; NaN/inf stops the run or skips the update.
+
+    Runs at on_pre_optimizer_step, the one per-step hook that sees the gradients before they change the
+    weights; a NaN/inf loss shows up here as NaN gradients. Callbacks see loss and grad norm only at
+    logging steps, and transformers' logging_nan_inf_filter would hide a NaN loss there anyway.
+    """
+
+    def __init__(self, action: str, checkpoints_dir: Path, lr: float):
+        self.action = action
+        self.checkpoints_dir = checkpoints_dir
+        self.lr = lr
+        self.skipped_steps: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            return
+        step = state.global_step + 1
+        if self.action == "skip":
+            # torch's and bitsandbytes' optimizers leave a parameter without a gradient untouched
+            # (no momentum, no weight decay); the learning-rate schedule still advances.
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps.append(step)
+            log.warning("step %d: NaN/inf loss or gradients; skipped this update (training.on_nonfinite=skip)", step)
+            return
+        last_good = newest_checkpoint(self.checkpoints_dir)
+        raise QLoRAError(
+            f"training stopped at step {step}: the loss or the gradients are NaN/inf, so the weights were not "
+            f"updated. Last good checkpoint: {last_good or 'none (training.save_steps=0 or none saved yet)'}. "
+            f"Likely causes: float16 overflow (use quantization.compute_dtype=bfloat16 where the GPU supports "
+            f"it), a learning rate too high (training.lr={self.lr}; try a tenth), or a broken data row. "
+            f"Resume with training.resume=auto after the fix, or set training.on_nonfinite=skip to skip such steps."
+        )
+
+
+def out_of_memory_error(stage_name: str) -> QLoRAError:
+    """The QLoRAError for torch.OutOfMemoryError in a stage: where, how much, and what to change."""
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        in_use = (f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated by torch, "
+                  f"{torch.cuda.memory_reserved(device) / 2**30:.2f} GiB reserved, of "
+                  f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.2f} GiB on GPU {device}")
+    else:
+        in_use = "no CUDA device statistics available"
+    return QLoRAError(
+        f"out of GPU memory in stage '{stage_name}' ({in_use}). To fit: lower training.batch_size and raise "
+        f"training.grad_accum to keep the effective batch, lower data.max_length, set "
+        f"training.gradient_checkpointing=true, or use a smaller quantization (quantization=nf4)."
+    )
+
+
+def checkpoint_bytes(trainable_parameters: int) -> int:
+    """Rough size of one checkpoint: float32 adapter plus two float32 Adam moments, and 16 MiB of small files."""
+    return trainable_parameters * 4 * 3 + 16 * 2**20
+
+
+def check_free_space(run_dir: Path, trainable_parameters: int, checkpoints_kept: int) -> None:
+    """Refuse to start when the run folder's disk cannot hold the checkpoints and the final adapter."""
+    # one checkpoint more than kept exists while a save is in progress, plus the final adapter
+    needed = checkpoint_bytes(trainable_parameters) * (checkpoints_kept + 2)
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise QLoRAError(
+            f"not enough disk space in training.output_dir={run_dir}: about {needed / 2**30:.2f} GiB needed for "
+            f"{checkpoints_kept} checkpoint(s) and the adapter, {free / 2**30:.2f} GiB free. Free space, "
+            f"choose another training.output_dir, or lower training.save_total_limit."
+        )

@@ -1,0 +1,52 @@
+"""`python fault_injection.py FAULT STEP [overrides]`: qlora.train with a fault injected at a training step.
+
+FAULT is one of
+  sigkill-in-save  SIGKILL while checkpoint-STEP is being written (after transformers' files, before the rename)
+  sigterm          SIGTERM at the start of step STEP
+  sigterm-twice    SIGTERM twice at the start of step STEP
+Run as a subprocess by the tests, exactly like `python -m qlora.train`, so a hard kill kills only it.
+"""
+
+import os
+import signal
+import sys
+
+from transformers import TrainerCallback
+
+import qlora.pipeline
+import qlora.stages.checkpoints
+from qlora.train import main
+
+
+class SignalAtStep(TrainerCallback):
+    def __init__(self, step: int, times: int):
+        self.step, self.times = step, times
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+def inject(fault: str, step: int) -> None:
+    if fault == "sigkill-in-save":
+        fsync_tree = qlora.stages.checkpoints._fsync_tree
+
+        def kill_while_saving(folder):
+            if folder.name == f"checkpoint-{step}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            fsync_tree(folder)
+
+        qlora.stages.checkpoints._fsync_tree = kill_while_saving
+        return
+    build_trainer = qlora.pipeline.build_trainer
+    callback = SignalAtStep(step, times=2 if fault == "sigterm-twice" else 1)
+    # build_trainer(config, model, tokenizer, train, run_dir, validation, callbacks, resuming)
+    qlora.pipeline.build_trainer = lambda *args: build_trainer(*args[:6], [*args[6], callback], *args[7:])
+
+
+if __name__ == "__main__":
+    fault, step = sys.argv[1], int(sys.argv[2])
+    inject(fault, step)
+    sys.argv[1:] = sys.argv[3:]
+    main()

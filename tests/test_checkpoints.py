@@ -1,0 +1,90 @@
+"""Atomic checkpoints and exact resume on the tiny recipe (CPU)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import run_with_fault
+from qlora.errors import QLoRAError
+from qlora.pipeline import run_training
+from qlora.stages.checkpoints import CONFIG_NAME, find_resume_checkpoint, newest_checkpoint
+
+SHORT_RUN = ("training.max_steps=5", "training.save_steps=2", "training.batch_size=4", "training.logging_steps=1",
+             "eval.exact_match_samples=0")
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_sigkill_during_a_save_then_resume_matches_the_uninterrupted_run(tiny_config, tmp_path):
+    reference = Path(run_training(tiny_config(*SHORT_RUN)).run_dir)
+
+    killed = run_with_fault("sigkill-in-save", 4, *SHORT_RUN, "training.output_dir=killed", cwd=tmp_path)
+    run_dir = tmp_path / "killed"
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # the save of step 4 never completed: its files sit in .partial/, and step 2 is the newest checkpoint
+    assert (run_dir / "checkpoints/.partial/checkpoint-4/adapter_model.safetensors").is_file()
+    assert not (run_dir / "checkpoints/checkpoint-4").exists()
+    assert newest_checkpoint(run_dir / "checkpoints") == run_dir / "checkpoints/checkpoint-2"
+
+    resumed = run_with_fault("none", 0, *SHORT_RUN, "training.output_dir=killed", "training.resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    # bit-exact on the CPU: same per-step losses after step 2 and the same final adapter weights
+    assert losses(run_dir) == losses(reference)
+    expected = load_file(reference / "adapter/adapter_model.safetensors")
+    actual = load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all((expected[name] == actual[name]).all() for name in expected)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-4", "checkpoint-5"]  # save_total_limit=2, and the stale .partial is gone
+    assert not (run_dir / "checkpoints/.partial").exists()
+    # the interrupted attempt's outputs are kept, not overwritten
+    assert (run_dir / "before-resume-2/config.yaml").is_file()
+    assert [step for step, _ in losses(run_dir / "before-resume-2")] == [1, 2, 3, 4]
+    assert [step for step, _ in losses(run_dir)] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_holds_state_and_resolved_config_in_safe_formats(tiny_config):
+    config = tiny_config("training.max_steps=2", "training.save_steps=2", "eval.exact_match_samples=0", "lora.r=4")
+    run_dir = Path(run_training(config).run_dir)
+    checkpoint = run_dir / "checkpoints/checkpoint-2"
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        assert (checkpoint / name).is_file(), name
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2
+    assert "r: 4" in (checkpoint / CONFIG_NAME).read_text()
+    assert not list(checkpoint.glob("*.bin")) or [p.name for p in checkpoint.glob("*.bin")] == ["training_args.bin"]
+    assert not list((run_dir / "adapter").glob("*.bin"))  # weights only as safetensors
+
+
+def test_resume_refuses_a_changed_model_lora_or_data(tiny_config, tmp_path):
+    run_training(tiny_config("training.max_steps=2", "training.save_steps=2", "eval.exact_match_samples=0"))
+    data = tmp_path / "other.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    changed = tiny_config("training.resume=auto", "lora.r=4", "training.batch_size=8", f"data.path={data}",
+                          "training.max_steps=10", "training.lr=1e-4")
+    with pytest.raises(QLoRAError) as error:
+        find_resume_checkpoint(changed)
+    message = str(error.value)
+    for key in ("lora.r", "training.batch_size", "data.path"):
+        assert key in message
+    for key in ("training.max_steps", "training.lr"):  # changing how long or how fast is allowed
+        assert key not in message
+    assert find_resume_checkpoint(tiny_config("training.resume=auto", "training.max_steps=10")).name == "checkpoint-2"
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tiny_config, tmp_path):
+    partial = tmp_path / "checkpoint-3"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(QLoRAError, match="not a complete qlora checkpoint.*trainer_state.json"):
+        find_resume_checkpoint(tiny_config(f"training.resume={partial}"))
+    with pytest.raises(QLoRAError, match="training.resume=.*is not a folder"):
+        tiny_config(f"training.resume={tmp_path / 'nope'}")
+
+
+def test_resume_auto_without_checkpoint_starts_at_step_zero(tiny_config):
+    assert find_resume_checkpoint(tiny_config("training.resume=auto")) is None

@@ -1,0 +1,120 @@
+"""Faults turned into clear errors: signals, NaN/inf steps, out of memory, a full or unwritable disk."""
+
+import errno
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer
+from trl import SFTTrainer
+
+import qlora.pipeline
+from conftest import run_with_fault
+from qlora.errors import QLoRAError
+from qlora.pipeline import run_training
+from qlora.stages import faults
+from qlora.stages.artifacts import prepare_run_dir
+
+FAST = ("training.batch_size=4", "training.logging_steps=1", "eval.exact_match_samples=0")
+
+
+def test_sigterm_saves_a_checkpoint_at_the_step_end_and_exits_nonzero(tmp_path):
+    result = run_with_fault("sigterm", 2, *FAST, "training.max_steps=50", "training.output_dir=run", cwd=tmp_path)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "training stopped by SIGTERM after step 2" in result.stderr
+    assert "Resume with: python -m qlora.train" in result.stderr and "training.resume=auto" in result.stderr
+    assert "Traceback" not in result.stderr
+    checkpoint = tmp_path / "run/checkpoints/checkpoint-2"  # saved although training.save_steps=0
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert not (tmp_path / "run/adapter").exists()  # an interrupted run is not passed off as finished
+
+
+def test_a_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(faults.os, "_exit", exits.append)
+    stop = faults.StopOnSignal()
+    stop._handle(signal.SIGINT, None)
+    assert stop.received == signal.SIGINT and exits == []  # the first one only asks to stop at the step end
+    stop._handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
+
+
+def test_signal_handlers_are_restored_after_training():
+    before = signal.getsignal(signal.SIGTERM)
+    with faults.StopOnSignal().handling_signals():
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    compute_loss = SFTTrainer.compute_loss
+
+    def with_nan(self, *args, **kwargs):
+        loss = compute_loss(self, *args, **kwargs)
+        return loss * math.nan if self.state.global_step + 1 == step else loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", with_nan)
+
+
+def test_nan_loss_stops_with_step_checkpoint_and_causes(tiny_config, monkeypatch):
+    nan_loss_at_step(monkeypatch, 3)
+    with pytest.raises(QLoRAError) as error:
+        run_training(tiny_config(*FAST, "training.max_steps=4", "training.save_steps=2"))
+    message = str(error.value)
+    assert "training stopped at step 3" in message and "NaN/inf" in message
+    assert "checkpoints/checkpoint-2" in message
+    assert "float16 overflow" in message and "training.lr" in message and "training.on_nonfinite=skip" in message
+
+
+def test_nan_loss_step_is_skipped_when_asked(tiny_config, monkeypatch):
+    nan_loss_at_step(monkeypatch, 2)
+    summary = run_training(tiny_config(*FAST, "training.max_steps=3", "training.on_nonfinite=skip"))
+    weights = load_file(Path(summary.adapter_dir) / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert "step 2: NaN/inf loss or gradients; skipped" in (Path(summary.run_dir) / "train.log").read_text()
+
+
+def test_out_of_memory_names_the_stage_and_the_fix(tiny_config, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(qlora.pipeline, "load_quantized_model", out_of_memory)
+    with pytest.raises(QLoRAError, match="out of GPU memory in stage 'quantized model'") as error:
+        run_training(tiny_config())
+    for fix in ("training.batch_size", "data.max_length", "training.gradient_checkpointing=true"):
+        assert fix in str(error.value)
+
+
+def test_too_little_disk_space_is_refused_before_training(tiny_config, monkeypatch):
+    monkeypatch.setattr(faults.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1024})())
+    with pytest.raises(QLoRAError, match="not enough disk space in training.output_dir=.*GiB free"):
+        run_training(tiny_config(*FAST))
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tiny_config, monkeypatch):
+    save_rng_state = Trainer._save_rng_state
+
+    def disk_full_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", disk_full_at_step_4)
+    config = tiny_config(*FAST, "training.max_steps=4", "training.save_steps=2")
+    with pytest.raises(QLoRAError, match="could not save the checkpoint of step 4.*No space left.*checkpoint-2 is intact"):
+        run_training(config)
+    checkpoints = Path(config.training.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.endswith(".md")) == ["checkpoint-2"]
+    assert (checkpoints / "checkpoint-2/adapter_model.safetensors").is_file()
+
+
+def test_unwritable_output_folder_is_a_clear_error(tiny_config, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(QLoRAError, match="cannot write to training.output_dir=.*Permission denied"):
+        prepare_run_dir(tiny_config())
