@@ -1,13 +1,12 @@
 """The configuration schema: one dataclass per group, every default in exactly one place.
 
 Hydra composes `configs/` and `recipes/` on top of these dataclasses (registered with its ConfigStore),
-so a misspelt key or a value of the wrong type is refused while composing. `validate` then checks what
-types cannot express (ranges, choices, combinations) before any weights are loaded.
+so a misspelt key or a value of the wrong type is refused while composing. `qlora.validation` then
+checks what types cannot express (ranges, choices, combinations) before any weights are loaded.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -246,6 +245,8 @@ def compose_config(overrides: list[str]) -> TrainConfig:
     """Compose and validate a config exactly as `python -m qlora.train OVERRIDES` does."""
     from hydra import compose, initialize_config_dir
 
+    from qlora.validation import validate  # it imports this module
+
     register_configs()
     with initialize_config_dir(str(configs_dir()), version_base="1.3"):
         cfg = compose("train", overrides=with_default_recipe(overrides))
@@ -282,163 +283,9 @@ def typed_config(cfg: Any) -> Any:
     return OmegaConf.to_object(cfg)
 
 
-def validate(config: TrainConfig) -> None:
-    """Check ranges, choices and combinations; raise QLoRAError naming the key, value and fix."""
-    validate_model(config.model)
-    validate_quantization(config.quantization)
-
-    lora = config.lora
-    _at_least("lora.r", lora.r, 1)
-    _at_least("lora.alpha", lora.alpha, 1)
-    if not 0.0 <= lora.dropout < 1.0:
-        raise QLoRAError(f"lora.dropout={lora.dropout} is out of range: use a value in [0, 1), e.g. 0.05.")
-    targets = lora.target_modules
-    if not (targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
-        raise QLoRAError(
-            f"lora.target_modules={targets!r} is not valid: use all-linear or a list of module names, "
-            f"e.g. lora.target_modules=[q_proj,v_proj]."
-        )
-
-    _validate_data(config.data)
-    _at_least("eval.exact_match_samples", config.eval.exact_match_samples, 0)
-    _at_least("eval.max_new_tokens", config.eval.max_new_tokens, 1)
-
-    t = config.training
-    if t.max_steps <= 0 and t.epochs <= 0:
-        raise QLoRAError(
-            f"nothing to train: training.max_steps={t.max_steps} and training.epochs={t.epochs}. "
-            f"Set training.max_steps to a positive number of steps or training.epochs above 0."
-        )
-    if t.batch_size != "auto" and not (isinstance(t.batch_size, int) and not isinstance(t.batch_size, bool)
-                                       and t.batch_size >= 1):
-        raise QLoRAError(
-            f"training.batch_size={t.batch_size} is not valid: use a whole number of at least 1, or "
-            f"training.batch_size=auto to find the largest batch that fits in memory."
-        )
-    _at_least("training.grad_accum", t.grad_accum, 1)
-    if not t.lr > 0:
-        raise QLoRAError(f"training.lr={t.lr} must be positive, e.g. training.lr=2e-4.")
-    if not 0.0 <= t.warmup_ratio < 1.0:
-        raise QLoRAError(f"training.warmup_ratio={t.warmup_ratio} is out of range: use a value in [0, 1).")
-    _at_least("training.weight_decay", t.weight_decay, 0)
-    _at_least("training.max_grad_norm", t.max_grad_norm, 0)
-    _choice("training.scheduler", t.scheduler, _scheduler_names())
-    _choice("training.optim", t.optim, _optimizer_names())
-    _at_least("training.logging_steps", t.logging_steps, 1)
-    _at_least("training.eval_steps", t.eval_steps, 1)
-    _at_least("training.save_steps", t.save_steps, 0)
-    _at_least("training.save_total_limit", t.save_total_limit, 1)
-    _choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
-    if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
-        raise QLoRAError(
-            f"training.resume={t.resume} is not a folder: use training.resume=auto (the newest checkpoint in "
-            f"training.output_dir) or the path of a checkpoint folder, e.g. {t.output_dir}/checkpoints/checkpoint-500."
-        )
-
-
-def validate_model(model: ModelConfig) -> None:
-    _choice("model.dtype", model.dtype, ("auto",) + DTYPES)
-    _validate_model_path(model.name_or_path)
-
-
-def validate_quantization(q: QuantizationConfig) -> None:
-    _choice("quantization.method", q.method, QUANT_METHODS)
-    _choice("quantization.compute_dtype", q.compute_dtype, DTYPES)
-    _choice("quantization.quant_storage", q.quant_storage, ("uint8",) + DTYPES)
-    if q.double_quant and q.method not in ("nf4", "fp4"):
-        raise QLoRAError(
-            f"quantization.double_quant=true only applies to 4-bit quantization, but "
-            f"quantization.method={q.method}. Pick the quantization group instead "
-            f"(quantization={q.method}), or add quantization.double_quant=false."
-        )
-
-
-def _validate_data(data: DataConfig) -> None:
-    if data.path is None and not data.datasets:
-        raise QLoRAError(
-            "no training data: set data.path=my.jsonl (one dataset), or data.datasets=[{path: a.jsonl},"
-            "{path: b.jsonl, format: sharegpt}] (several)."
-        )
-    if not data.datasets:
-        _validate_source("data", DatasetSource(data.path, data.format, data.split, data.columns))
-    for index, source in enumerate(data.datasets):
-        _validate_source(f"data.datasets[{index}]", source)
-    _at_least("data.max_length", data.max_length, 8)
-    _choice("data.truncation", data.truncation, TRUNCATION)
-    _choice("data.on_error", data.on_error, ON_ERROR)
-    _at_least("data.val_size", data.val_size, 0)
-    if data.val_size and data.val_path is not None:
-        raise QLoRAError(
-            f"data.val_size={data.val_size} and data.val_path={data.val_path} both ask for a validation set; "
-            f"keep one of them (data.val_size=0 to use the file)."
-        )
-    if data.val_size > 1 and data.val_size != int(data.val_size):
-        raise QLoRAError(
-            f"data.val_size={data.val_size}: use a share below 1 (e.g. 0.05) or a whole number of rows (e.g. 200)."
-        )
-    if data.num_proc is not None:
-        _at_least("data.num_proc", data.num_proc, 1)
-    for key in ("val_path", "heldout_path"):
-        if getattr(data, key) is not None:
-            _validate_local_file(f"data.{key}", getattr(data, key))
-
-
-def _validate_source(key: str, source: DatasetSource) -> None:
-    _choice(f"{key}.format", source.format, DATA_FORMATS)
-    _validate_local_file(f"{key}.path", source.path)
-
-
 def as_plain_dict(config: TrainConfig) -> dict[str, Any]:
     """The resolved config as plain containers, for writing to the run folder."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise QLoRAError(f"{key}={value} is not supported. Allowed values: {', '.join(allowed)}.")
-
-
-def _at_least(key: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise QLoRAError(f"{key}={value} is out of range: it must be at least {minimum}.")
-
-
-# A hub id is "name" or "org/name"; anything else (./x, /x, ~/x, a/b/c, x.jsonl) is a local path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-def _looks_local(path: str) -> bool:
-    return not _HUB_ID.match(path) or Path(path).expanduser().exists()
-
-
-def _validate_model_path(path: str) -> None:
-    if _looks_local(path) and not Path(path).expanduser().is_dir():
-        raise QLoRAError(
-            f"model.name_or_path={path} does not exist: give a local model folder (with config.json) "
-            f"or a Hub id such as meta-llama/Llama-2-7b-hf."
-        )
-
-
-def _validate_local_file(key: str, path: str) -> None:
-    is_file_path = path.endswith(_DATA_SUFFIXES) or _looks_local(path)
-    if is_file_path and not Path(path).expanduser().exists():
-        raise QLoRAError(
-            f"{key}={path} does not exist. Give an existing .jsonl/.json/.parquet/.csv file or a folder of "
-            f"them (relative paths are read from the folder you run in) or a Hub dataset id."
-        )
-
-
-def _scheduler_names() -> tuple[str, ...]:
-    from transformers.trainer_utils import SchedulerType
-
-    return tuple(s.value for s in SchedulerType)
-
-
-def _optimizer_names() -> tuple[str, ...]:
-    from transformers.training_args import OptimizerNames
-
-    return tuple(o.value for o in OptimizerNames)
 
 
 def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:

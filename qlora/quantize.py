@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from qlora.cli import run_hydra_command
-from qlora.config import QuantizeConfig, typed_config, validate_model, validate_quantization
+from qlora.config import QuantizeConfig, typed_config
+from qlora.validation import validate_model, validate_quantization
 from qlora.errors import QLoRAError
 
 log = logging.getLogger("qlora")

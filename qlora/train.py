@@ -11,7 +11,8 @@ import sys
 from omegaconf import DictConfig
 
 from qlora.cli import run_hydra_command
-from qlora.config import typed_config, validate, with_default_recipe
+from qlora.config import typed_config, with_default_recipe
+from qlora.validation import validate
 
 
 def train(cfg: DictConfig) -> None:
