@@ -28,7 +28,7 @@ def tiny_config(tmp_path: Path) -> Callable[..., TrainConfig]:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> tuple[TrainConfig, Path]:
-    """The tiny recipe's full run (held-out exact match 32/32), shared by the tests that use a
+    """The tiny recipe's full run (held-out exact match 30/32), shared by the tests that use a
     finished run: merge, generate."""
     from qlora.pipeline import run_training
 
