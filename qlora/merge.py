@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -132,7 +133,7 @@ def _merge_into_dequantized(base: ModelConfig, adapter_dir: Path, run: TrainConf
                             output: Path, max_shard_size: str) -> float:
     from qlora.stages.model import load_quantized_model
 
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = PartialState().device  # this process's GPU, or the CPU, as in training
     model = load_quantized_model(base, run.quantization, device).dequantize(dtype=dtype)
     error = dequantization_error(model, checkpoint_folder(base))
     log.info("dequantized %s weights differ from the originals by %.3f%% (relative Frobenius norm)",

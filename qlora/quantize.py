@@ -10,7 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
+from accelerate import PartialState
 
 from qlora.cli import run_hydra_command
 from qlora.config import QuantizeConfig, typed_config
@@ -31,7 +31,7 @@ def quantize(config: QuantizeConfig) -> Path:
     output = Path(config.output_dir).expanduser()
     if output.exists():
         raise QLoRAError(f"output_dir={output} already exists; refusing to write over it. Choose another output_dir.")
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = PartialState().device  # this process's GPU, or the CPU, as in training
     tokenizer = load_tokenizer(config.model)
     model = load_quantized_model(config.model, config.quantization, device)
     partial = output.with_name(output.name + ".partial")  # renamed when complete

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
+from accelerate import PartialState
 from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -51,6 +51,6 @@ def load_adapted_model(
     adapter_dir, base_model = find_adapter(run, adapter, base)
     run_config = load_run_config(run) if run else None
     quantization = run_config.quantization if run_config else QuantizationConfig()
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = PartialState().device  # this process's GPU, or the CPU, as in training
     model = PeftModel.from_pretrained(load_quantized_model(base_model, quantization, device), adapter_dir).eval()
     return model, AutoTokenizer.from_pretrained(adapter_dir), run_config
