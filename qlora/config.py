@@ -147,6 +147,22 @@ class TrainingConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Speed and memory switches, all on by default; each one off gives the plain Hugging Face recipe's
+    behaviour for that part (`performance=off` turns them all off). Measured in scripts/benchmark.py."""
+
+    # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE: fewer, fused kernels per layer. CUDA only:
+    # skipped on other devices.
+    liger_kernel: bool = True
+    # peft's k-bit preparation upcasts every non-quantized weight (embeddings, norms, lm_head) to float32;
+    # false casts the frozen ones back to quantization.compute_dtype: half their memory, no per-step casts
+    frozen_weights_float32: bool = False
+    # keep the activations saved for backward in CPU memory (TRL's activation offloading): much longer
+    # sequences fit, at some speed cost
+    activation_offloading: bool = False
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -154,6 +170,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
 
 @dataclass

@@ -31,11 +31,12 @@ from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, 
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
 from qlora.stages.model import (
     fit_embeddings_to_tokenizer,
+    frozen_weights_dtype,
     load_quantized_model,
     load_tokenizer,
     prepare_for_kbit_training,
 )
-from qlora.stages.trainer import build_trainer, peak_memory_gib
+from qlora.stages.trainer import build_trainer, check_performance_support, peak_memory_gib
 
 log = logging.getLogger("qlora")
 
@@ -64,6 +65,7 @@ def run_training(config: TrainConfig) -> RunSummary:
     seconds: dict[str, float] = {}
     set_seed(config.training.seed)  # LoRA's initial weights come from this seed
 
+    check_performance_support(config.performance, state.device)
     with stage("tokenizer", seconds):
         tokenizer = load_tokenizer(config.model)
     with stage("data", seconds):
@@ -75,7 +77,8 @@ def run_training(config: TrainConfig) -> RunSummary:
         model = load_quantized_model(config.model, config.quantization, state.device)
         fit_embeddings_to_tokenizer(model, tokenizer)
     with stage("k-bit preparation", seconds):
-        model = prepare_for_kbit_training(model, config.training.gradient_checkpointing)
+        model = prepare_for_kbit_training(model, config.training.gradient_checkpointing,
+                                          frozen_weights_dtype(config.performance, config.quantization))
     with stage("LoRA adapters", seconds):
         model = attach_lora(model, config.lora)
         trainable, total = model.get_nb_trainable_parameters()

@@ -9,7 +9,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 
-from qlora.config import ModelConfig, QuantizationConfig
+from qlora.config import ModelConfig, PerformanceConfig, QuantizationConfig
 from qlora.errors import QLoRAError
 
 log = logging.getLogger(__name__)
@@ -183,17 +183,36 @@ def check_device_support(model: ModelConfig, quantization: QuantizationConfig, d
         )
 
 
-def prepare_for_kbit_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
-    """peft's k-bit preparation: freeze the base, upcast norms, make inputs require grad."""
+def prepare_for_kbit_training(
+    model: PreTrainedModel, gradient_checkpointing: bool, frozen_weights_dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """peft's k-bit preparation: freeze the base, upcast non-quantized weights, make inputs require grad.
+
+    peft upcasts every non-quantized weight (embeddings, norms, lm_head) to float32. The frozen ones
+    need no more than the compute dtype (norms compute in float32 inside the layer anyway), so with
+    `frozen_weights_dtype` set to it they are cast back: half their memory and no cast in every step.
+    """
     if gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise QLoRAError(
             f"training.gradient_checkpointing=true, but {type(model).__name__} does not support gradient "
             f"checkpointing. Set training.gradient_checkpointing=false (and lower training.batch_size or "
             f"data.max_length if memory runs short)."
         )
-    return prepare_model_for_kbit_training(
+    model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=gradient_checkpointing,
         # the non-reentrant variant works with DDP and with frozen inputs
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    if frozen_weights_dtype != torch.float32:
+        for param in model.parameters():
+            if param.dtype == torch.float32 and not param.requires_grad:
+                param.data = param.data.to(frozen_weights_dtype)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the float32 copies' blocks
+    return model
+
+
+def frozen_weights_dtype(performance: PerformanceConfig, quantization: QuantizationConfig) -> torch.dtype:
+    """The dtype the frozen non-quantized weights train in: float32 (peft's choice) or the compute dtype."""
+    return torch.float32 if performance.frozen_weights_float32 else getattr(torch, quantization.compute_dtype)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import resource
 import sys
 import time
@@ -14,8 +16,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig
 
-from qlora.config import AUTO_BATCH_SIZE_START, TrainConfig
+from qlora.config import AUTO_BATCH_SIZE_START, PerformanceConfig, TrainConfig
+from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
+
+log = logging.getLogger("qlora")
 
 
 def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False) -> SFTConfig:
@@ -54,7 +59,33 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=t.batch_size,
         report_to="none",
+        use_liger_kernel=uses_liger_kernel(config.performance),
+        liger_kernel_config=LIGER_LAYER_KERNELS,
+        activation_offloading=config.performance.activation_offloading,
     )
+
+
+# Liger's layer kernels. Its fused linear cross-entropy is left to TRL, whose own fused LM head already
+# computes the loss in chunks without materialising the logits (and refuses Liger's).
+LIGER_LAYER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                       "fused_linear_cross_entropy": False}
+
+
+def uses_liger_kernel(performance: PerformanceConfig) -> bool:
+    """Liger's kernels are Triton kernels for CUDA; elsewhere the model's own layers run."""
+    return performance.liger_kernel and torch.cuda.is_available()
+
+
+def check_performance_support(performance: PerformanceConfig, device: torch.device) -> None:
+    """Refuse, before loading anything, a switch this machine cannot honour."""
+    if performance.liger_kernel and device.type == "cuda" and importlib.util.find_spec("liger_kernel") is None:
+        raise QLoRAError(
+            "performance.liger_kernel=true needs the liger-kernel package, which is not installed. Install it "
+            "with `pip install liger-kernel`, or turn the kernels off: performance.liger_kernel=false."
+        )
+    if performance.liger_kernel and device.type != "cuda":
+        log.info("performance.liger_kernel: Liger's Triton kernels need CUDA; on %s the model's own layers run",
+                 device.type)
 
 
 def build_trainer(
