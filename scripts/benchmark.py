@@ -107,7 +107,8 @@ def spawn_worker(recipe: str, checkpoint: Path, args: argparse.Namespace, out: P
     command += ["--recipe", args.recipe] if args.recipe else []
     command += [f"--override={o}" for o in args.override] + (["--profile"] if args.profile else [])
     print(f"== {recipe}: batch {batch} x {seq} tokens", flush=True)
-    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": pythonpath})
     if result_file.exists():
         return json.loads(result_file.read_text())
     return {"recipe": recipe, "batch": batch, "seq": seq, "error": f"worker exited with {done.returncode}"}
