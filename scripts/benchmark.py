@@ -98,8 +98,7 @@ def build_checkpoint(model: str, out: Path) -> Path:
 
 
 def spawn_worker(recipe: str, checkpoint: Path, args: argparse.Namespace, out: Path, batch: int, seq: int) -> dict:
-    result_file = out / f"{recipe}-{batch}x{seq}.json"
-    result_file.unlink(missing_ok=True)
+    result_file = Path(tempfile.mkdtemp(prefix="qlora-benchmark-worker-")) / "result.json"
     command = [sys.executable, __file__, "--worker", recipe, "--checkpoint", str(checkpoint),
                "--result-file", str(result_file), "--model", args.model, "--seq", str(seq), "--batch", str(batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-dropout", str(args.lora_dropout),
