@@ -160,6 +160,8 @@ class PerformanceConfig:
     # keep the activations saved for backward in CPU memory (TRL's activation offloading): much longer
     # sequences fit, at some speed cost
     activation_offloading: bool = False
+    # compile the model with torch.compile: fuses the elementwise work around the 4-bit matmuls and LoRA
+    torch_compile: bool = False
 
 
 @dataclass

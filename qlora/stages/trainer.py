@@ -62,6 +62,7 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         use_liger_kernel=uses_liger_kernel(config.performance),
         liger_kernel_config=LIGER_LAYER_KERNELS,
         activation_offloading=config.performance.activation_offloading,
+        torch_compile=config.performance.torch_compile,
     )
 
 
