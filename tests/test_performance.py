@@ -1,0 +1,107 @@
+"""The performance group: each switch does what it says, and the CPU paths compute the same function."""
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora.errors import QLoRAError
+from qlora.stages.adapters import attach_lora
+from qlora.stages.model import frozen_weights_dtype, load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.trainer import build_sft_config, check_performance_support, uses_liger_kernel
+
+CPU = torch.device("cpu")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schema_defaults_are_on_and_off_turns_every_switch_off(tiny_config):
+    fast = tiny_config().performance
+    assert fast.liger_kernel and not fast.frozen_weights_float32
+    off = tiny_config("performance=off").performance
+    assert not off.liger_kernel and off.frozen_weights_float32
+    assert not off.activation_offloading and not off.torch_compile
+
+
+def _prepared(config):
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    dtype = frozen_weights_dtype(config.performance, config.quantization)
+    return attach_lora(prepare_for_kbit_training(model, False, dtype), config.lora)
+
+
+def test_frozen_weights_stay_in_the_compute_dtype(tiny_config):
+    config = tiny_config("quantization.compute_dtype=bfloat16")
+    model = _prepared(config)
+    frozen = {name: p.dtype for name, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
+    assert frozen["base_model.model.lm_head.weight"] == torch.bfloat16
+    assert frozen["base_model.model.model.embed_tokens.weight"] == torch.bfloat16
+    assert all(dtype == torch.bfloat16 for dtype in frozen.values())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # LoRA trains in float32
+
+
+def test_float32_switch_keeps_peft_upcast(tiny_config):
+    config = tiny_config("quantization.compute_dtype=bfloat16", "performance.frozen_weights_float32=true")
+    model = _prepared(config)
+    assert model.base_model.model.lm_head.weight.dtype == torch.float32
+    assert model.base_model.model.model.norm.weight.dtype == torch.float32
+
+
+def test_bf16_frozen_weights_compute_the_same_loss(tiny_config):
+    """Norms compute in float32 inside the layer either way: the loss barely moves (bf16 rounding only)."""
+    tokenizer = load_tokenizer(tiny_config().model)
+    batch = tokenizer(["the film was wonderful and moving", "the plot was dull"], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses = {}
+    for switch in ("true", "false"):
+        config = tiny_config("quantization.compute_dtype=bfloat16", f"performance.frozen_weights_float32={switch}")
+        torch.manual_seed(0)
+        model = _prepared(config)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[switch] = model(**batch, labels=labels).loss.item()
+    assert losses["false"] == pytest.approx(losses["true"], rel=0.01)
+
+
+def test_liger_is_skipped_without_cuda(tiny_config, caplog, tmp_path):
+    config = tiny_config()
+    with caplog.at_level(logging.INFO, logger="qlora"):
+        check_performance_support(config.performance, CPU)
+    assert "need CUDA" in caplog.text
+    assert not uses_liger_kernel(config.performance)
+    args = build_sft_config(config, tmp_path)
+    assert not args.use_liger_kernel
+
+
+def test_liger_missing_on_cuda_is_a_clear_error(tiny_config, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(QLoRAError, match="pip install liger-kernel.*performance.liger_kernel=false"):
+        check_performance_support(tiny_config().performance, torch.device("cuda"))
+
+
+def test_switches_reach_the_trainer_arguments(tiny_config, tmp_path):
+    config = tiny_config("performance.activation_offloading=true", "performance.torch_compile=true")
+    args = build_sft_config(config, tmp_path)
+    assert args.activation_offloading and args.torch_compile
+
+
+def test_benchmark_runs_both_recipes_on_the_cpu(tmp_path):
+    """scripts/benchmark.py still works end to end; on the CPU only correctness is checked, not speed."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--batch", "2",
+         "--steps", "3", "--warmup", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "benchmark.md").read_text()
+    assert "| plain |" in report and "| qlora |" in report
+    import json
+
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    plain, ours = (next(r for r in rows if r["recipe"] == name) for name in ("plain", "qlora"))
+    assert len(plain["losses"]) == len(ours["losses"]) == 3
+    # the same data, seed and LoRA initialisation: the same function, so the same first loss
+    assert ours["losses"][0] == pytest.approx(plain["losses"][0], rel=0.01)
+    assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
