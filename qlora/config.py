@@ -157,6 +157,19 @@ class TrainConfig:
 
 
 @dataclass
+class PlanOptions:
+    # GPU memory to fit, e.g. 80GiB, 24GB, 16000MiB; None: this machine's first GPU, or no fit on the CPU
+    gpu_memory: Optional[str] = None
+
+
+@dataclass
+class PlanConfig(TrainConfig):
+    """`python -m qlora.plan`: the memory a training config will need, planned before loading."""
+
+    plan: PlanOptions = field(default_factory=PlanOptions)
+
+
+@dataclass
 class QuantizeConfig:
     """`python -m qlora.quantize`: save a base model quantized once, to fine-tune many times."""
 
@@ -223,6 +236,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("asset", lambda relative: str(ASSETS_DIR / relative))
     store = ConfigStore.instance()
     store.store(name="schema", node=TrainConfig)
+    store.store(name="plan_schema", node=PlanConfig)
     store.store(name="quantize_schema", node=QuantizeConfig)
     store.store(name="merge_schema", node=MergeConfig)
     store.store(name="generate_schema", node=GenerateConfig)
