@@ -24,7 +24,10 @@ DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 NONFINITE_ACTIONS = ("stop", "skip")
-AUTO_BATCH_SIZE_START = 64  # training.batch_size=auto: the first size tried (transformers' auto_find_batch_size)
+# training.batch_size=auto: on a GPU the memory planner's largest batch that fits with this share of the memory
+# kept free; on the CPU (no device memory to plan against) AUTO_BATCH_SIZE_START. Out of memory shrinks it by 10%.
+AUTO_BATCH_MEMORY_MARGIN = 0.10
+AUTO_BATCH_SIZE_START = 64
 
 
 @dataclass
@@ -122,7 +125,8 @@ class TrainingConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    # per device; "auto" starts at AUTO_BATCH_SIZE_START and shrinks by 10% on out-of-memory until a step fits
+    # per device; "auto": the memory planner's largest batch that fits the GPU (AUTO_BATCH_SIZE_START on the CPU),
+    # shrunk by 10% on out-of-memory until a step fits
     batch_size: Any = 4
     grad_accum: int = 4
     lr: float = 2e-4
