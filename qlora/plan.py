@@ -126,9 +126,9 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     kv = (getattr(arch, "num_key_value_heads", None) or arch.num_attention_heads) * head_dim
     h_coef, i_coef, kv_coef = SAVED_PER_TOKEN[compute]
     # one decoder layer's saved tensors; dropout adds its mask and output for every adapter's input
-    layer = tokens * (h_coef * hidden + i_coef * intermediate + kv_coef * kv)
+    layer = int(tokens * (h_coef * hidden + i_coef * intermediate + kv_coef * kv))
     if config.lora.dropout > 0:
-        layer += tokens * DROPOUT_PER_INPUT[compute] * (6 * hidden + intermediate)
+        layer += int(tokens * DROPOUT_PER_INPUT[compute] * (6 * hidden + intermediate))
     embedding_and_norm = tokens * hidden * 4 * 2  # the float32 embedding output and the final norm's input
     # the backward pass of one layer holds the gradients of its largest float32 activations at once
     backward = tokens * 4 * (3 * intermediate + 2 * hidden)
