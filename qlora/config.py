@@ -24,7 +24,10 @@ DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 NONFINITE_ACTIONS = ("stop", "skip")
-AUTO_BATCH_SIZE_START = 64  # training.batch_size=auto: the first size tried (transformers' auto_find_batch_size)
+# training.batch_size=auto: on a GPU the memory planner's largest batch that fits with this share of the memory
+# kept free; on the CPU (no device memory to plan against) AUTO_BATCH_SIZE_START. Out of memory shrinks it by 10%.
+AUTO_BATCH_MEMORY_MARGIN = 0.10
+AUTO_BATCH_SIZE_START = 64
 
 
 @dataclass
@@ -122,7 +125,8 @@ class TrainingConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
-    # per device; "auto" starts at AUTO_BATCH_SIZE_START and shrinks by 10% on out-of-memory until a step fits
+    # per device; "auto": the memory planner's largest batch that fits the GPU (AUTO_BATCH_SIZE_START on the CPU),
+    # shrunk by 10% on out-of-memory until a step fits
     batch_size: Any = 4
     grad_accum: int = 4
     lr: float = 2e-4
@@ -173,6 +177,19 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+
+
+@dataclass
+class PlanOptions:
+    # GPU memory to fit, e.g. 80GiB, 24GB, 16000MiB; None: this machine's first GPU, or no fit on the CPU
+    gpu_memory: Optional[str] = None
+
+
+@dataclass
+class PlanConfig(TrainConfig):
+    """`python -m qlora.plan`: the memory a training config will need, planned before loading."""
+
+    plan: PlanOptions = field(default_factory=PlanOptions)
 
 
 @dataclass
@@ -242,6 +259,7 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("asset", lambda relative: str(ASSETS_DIR / relative))
     store = ConfigStore.instance()
     store.store(name="schema", node=TrainConfig)
+    store.store(name="plan_schema", node=PlanConfig)
     store.store(name="quantize_schema", node=QuantizeConfig)
     store.store(name="merge_schema", node=MergeConfig)
     store.store(name="generate_schema", node=GenerateConfig)

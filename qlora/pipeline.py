@@ -29,6 +29,7 @@ from qlora.stages.artifacts import prepare_run_dir, save_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
 from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, out_of_memory_error
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
+from qlora.stages.memory import FirstStepMemory
 from qlora.stages.model import (
     fit_embeddings_to_tokenizer,
     frozen_weights_dtype,
@@ -94,7 +95,7 @@ def run_training(config: TrainConfig) -> RunSummary:
     stop = StopOnSignal()
     guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr)
     with stage("trainer", seconds):
-        callbacks = [stop, guard]
+        callbacks = [stop, guard, FirstStepMemory(config)]
         if heldout is not None and config.eval.during_training:
             callbacks.append(HeldoutEvaluation(heldout, tokenizer, config.eval.max_new_tokens,
                                                config.training.eval_steps, run_dir / "metrics.jsonl"))

@@ -16,22 +16,24 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig
 
-from qlora.config import AUTO_BATCH_SIZE_START, PerformanceConfig, TrainConfig
+from qlora.config import PerformanceConfig, TrainConfig
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
+from qlora.stages.memory import planned_batch_size
 
 log = logging.getLogger("qlora")
 
 
 def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False) -> SFTConfig:
     t = config.training
+    batch_size = planned_batch_size(config)
     compute_dtype = config.quantization.compute_dtype
     return SFTConfig(
         output_dir=str(checkpoints_dir),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
-        per_device_train_batch_size=AUTO_BATCH_SIZE_START if t.batch_size == "auto" else t.batch_size,
-        auto_find_batch_size=t.batch_size == "auto",  # accelerate shrinks it 10% per out-of-memory
+        per_device_train_batch_size=batch_size,
+        auto_find_batch_size=t.batch_size == "auto",  # a real step confirms it; accelerate shrinks it 10% per OOM
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         lr_scheduler_type=t.scheduler,
@@ -57,7 +59,7 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         packing=config.data.packing,
         eval_strategy="steps" if has_validation else "no",
         eval_steps=t.eval_steps,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_eval_batch_size=batch_size,
         report_to="none",
         use_liger_kernel=uses_liger_kernel(config.performance),
         liger_kernel_config=LIGER_LAYER_KERNELS,

@@ -1,0 +1,288 @@
+"""The memory planner: what a QLoRA run will need, from the config alone, before any weight is read.
+
+The model is built on the meta device from its config.json (the local folder or the hub cache first,
+else the copy shipped in qlora/assets/architectures/), which gives every parameter's shape; the
+formulas below turn shapes, batch and sequence length into bytes. Each term is kept separate and named
+so that a change in what training stores (bf16 frozen weights, fused losses, offloading) changes one term.
+
+The terms model the code as it trains today:
+- bitsandbytes 4-bit: two weights per byte, one absmax per 64 weights (fp32, or uint8 with double quant
+  plus one fp32 per 256 blocks); `lm_head` stays unquantized.
+- peft's prepare_model_for_kbit_training casts every unquantized weight (embeddings, norms, lm_head,
+  biases; with quantization=none every weight) to float32, so the residual stream is float32 too.
+- TRL casts the adapters of a quantized model to bf16 (qlora keeps them in float32 with float32 compute).
+- gradient checkpointing (non-reentrant, one checkpoint per decoder layer) keeps each layer's float32
+  input and recomputes one layer at a time in the backward pass.
+- TRL's fused LM head computes the loss in tiles of 4096 tokens x 32768 vocabulary entries, never the
+  full logits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from qlora.config import ASSETS_DIR, ModelConfig, TrainConfig
+from qlora.errors import QLoRAError
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES_DIR = ASSETS_DIR / "architectures"
+GiB = 2**30
+# Per decoder layer and token, the bytes autograd keeps without gradient checkpointing, as multiples of the
+# hidden size, the intermediate size and the key/value width, for LoRA on every linear layer. Measured with
+# torch.autograd.graph.saved_tensors_hooks on the real stages (nf4, LoRA, SDPA), by compute dtype.
+SAVED_PER_TOKEN = {2: (27.8, 14.9, 4.5), 4: (30.3, 17.5, 9.0)}  # compute bytes -> (hidden, intermediate, kv)
+DROPOUT_PER_INPUT = {2: 1.9, 4: 5.15}  # LoRA dropout's mask and output, per element of each adapted layer's input
+LOSS_TILE_TOKENS, LOSS_TILE_VOCAB = 4096, 32768  # TRL's fused LM head tiles (trl/kernels/chunked_logprob.py)
+CUBLAS_WORKSPACE = 32 * 2**20
+BNB_BLOCK, BNB_BLOCK2 = 64, 256  # 4-bit block size, and blocks per double-quant block
+
+
+@dataclass
+class Architecture:
+    config: PretrainedConfig
+    source: str  # where config.json came from: the local folder, the hub cache, or the shipped copy
+
+
+@dataclass
+class ParameterCounts:
+    quantized: int  # linear weights bitsandbytes quantizes
+    quantized_tensors: int
+    quantized_rows: int  # output features of the quantized layers (int8 keeps a scale per row)
+    largest_quantized: int  # elements of the largest quantized weight (dequantized for each matmul)
+    unquantized: int  # embeddings, norms, lm_head, biases
+    lora: int  # trainable: adapters (+ DoRA magnitudes, modules_to_save copies)
+    largest_tensor: int  # elements of the largest weight of all: what loading holds in full precision at once
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes, for one GPU. `training_peak` is what torch.cuda.max_memory_allocated should show."""
+
+    architecture_source: str
+    params: ParameterCounts
+    batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    # the loaded model (before k-bit preparation)
+    quantized_weights: int
+    quant_statistics: int  # absmax (double-quantized or not); get_memory_footprint does not count them
+    unquantized_weights: int  # in the load dtype
+    largest_tensor_bytes: int
+    largest_shard_bytes: Optional[int]  # known when the checkpoint is a local folder
+    # training
+    weights: int  # after k-bit preparation (unquantized weights in float32)
+    lora_and_optimizer: int  # adapters, their gradients and optimizer states in torch's allocator
+    paged_optimizer: int  # paged optimizer states: CUDA unified memory, outside torch's allocator
+    activations: int  # with the configured gradient checkpointing
+    activations_with_checkpointing: int
+    activations_without_checkpointing: int
+    logits_loss: int
+    workspace: int
+
+    @property
+    def footprint(self) -> int:
+        return self.quantized_weights + self.quant_statistics + self.unquantized_weights
+
+    @property
+    def load_peak(self) -> int:
+        """transformers 5 loads one tensor at a time and quantizes it on the device."""
+        return self.footprint + self.largest_tensor_bytes + CUBLAS_WORKSPACE
+
+    @property
+    def load_bound(self) -> Optional[int]:
+        """The QLoRA bound: the quantized model plus one shard of full-precision weights (+ a workspace)."""
+        if self.largest_shard_bytes is None:
+            return None
+        return self.footprint + self.largest_shard_bytes + CUBLAS_WORKSPACE
+
+    @property
+    def training_peak(self) -> int:
+        return self.weights + self.lora_and_optimizer + self.activations + self.logits_loss + self.workspace
+
+
+def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: Optional[int] = None,
+                architecture: Optional[Architecture] = None) -> MemoryPlan:
+    """The plan for the configured batch and sequence length (data.max_length), or the ones given."""
+    architecture = architecture or load_architecture(config.model)
+    if batch_size is None:
+        batch_size = config.training.batch_size if isinstance(config.training.batch_size, int) else 1
+    seq_len = seq_len or config.data.max_length
+    arch = architecture.config.get_text_config()
+    params = count_parameters(architecture.config, config)
+    method, compute = config.quantization.method, _bytes(config.quantization.compute_dtype)
+    load = _bytes(str(load_dtype(config.model, architecture.config)).removeprefix("torch."))
+    quantized, statistics = quantized_bytes(params, method, config.quantization.double_quant)
+    tokens = batch_size * seq_len
+    hidden, intermediate, layers = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
+    head_dim = getattr(arch, "head_dim", None) or hidden // arch.num_attention_heads
+    kv = (getattr(arch, "num_key_value_heads", None) or arch.num_attention_heads) * head_dim
+    h_coef, i_coef, kv_coef = SAVED_PER_TOKEN[compute]
+    # one decoder layer's saved tensors; dropout adds its mask and output for every adapter's input
+    layer = int(tokens * (h_coef * hidden + i_coef * intermediate + kv_coef * kv))
+    if config.lora.dropout > 0:
+        layer += int(tokens * DROPOUT_PER_INPUT[compute] * (6 * hidden + intermediate))
+    embedding_and_norm = tokens * hidden * 4 * 2  # the float32 embedding output and the final norm's input
+    # the backward pass of one layer holds the gradients of its largest float32 activations at once
+    backward = tokens * 4 * (3 * intermediate + 2 * hidden)
+    with_checkpointing = tokens * hidden * 4 * layers + layer + backward + embedding_and_norm
+    without_checkpointing = layer * layers + backward + embedding_and_norm
+    lora_bytes = 4 if method == "none" or compute == 4 else 2
+    optimizer, paged = optimizer_bytes(config.training.optim, params.lora, lora_bytes)
+    return MemoryPlan(
+        architecture_source=architecture.source,
+        params=params,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=config.training.gradient_checkpointing,
+        quantized_weights=quantized,
+        quant_statistics=statistics,
+        unquantized_weights=params.unquantized * load,
+        largest_tensor_bytes=params.largest_tensor * load,
+        largest_shard_bytes=largest_shard_bytes(config.model),
+        # k-bit preparation: every weight that is not 4/8-bit becomes float32
+        weights=quantized + statistics + params.unquantized * 4,
+        lora_and_optimizer=params.lora * lora_bytes * 2 + optimizer,  # weights, gradients, states
+        paged_optimizer=paged,
+        activations=with_checkpointing if config.training.gradient_checkpointing else without_checkpointing,
+        activations_with_checkpointing=with_checkpointing,
+        activations_without_checkpointing=without_checkpointing,
+        # the float32 hidden states the head keeps and their gradient, one tile of logits and one of weights
+        logits_loss=tokens * hidden * 4 * 2 + min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB)
+        * compute + min(arch.vocab_size, LOSS_TILE_VOCAB) * hidden * compute,
+        # a 4-bit weight is dequantized for each matmul (forward, and again in backward); cuBLAS's workspace
+        workspace=(2 * params.largest_quantized * compute if method != "none" else 0) + CUBLAS_WORKSPACE,
+    )
+
+
+def quantized_bytes(params: ParameterCounts, method: str, double_quant: bool) -> tuple[int, int]:
+    """Bytes of the quantized linear weights and of their quantization statistics."""
+    n, tensors = params.quantized, params.quantized_tensors
+    if method in ("nf4", "fp4"):
+        blocks = n // BNB_BLOCK
+        if double_quant:  # uint8 absmax per block; per 256 blocks an fp32 absmax; a 256-entry fp32 code per tensor
+            return n // 2, blocks + blocks // BNB_BLOCK2 * 4 + tensors * (256 * 4 + 4)
+        return n // 2, blocks * 4
+    if method == "int8":
+        return n, params.quantized_rows * 4  # one float32 scale per output row
+    return 0, 0  # quantization=none: every weight counts as unquantized
+
+
+def optimizer_bytes(optim: str, lora_params: int, lora_bytes: int) -> tuple[int, int]:
+    """(states in torch's allocator, paged states outside it) for the trainable parameters."""
+    if optim.startswith("sgd"):
+        return 0, 0
+    if "8bit" in optim:
+        states = lora_params * 2  # two uint8 states per parameter (blockwise statistics are negligible)
+    elif "bnb" in optim or "32bit" in optim:
+        states = lora_params * 8  # two float32 states
+    else:
+        states = lora_params * lora_bytes * 2  # torch's optimizers: two states in the parameters' dtype
+    return (0, states) if optim.startswith("paged") else (states, 0)
+
+
+def count_parameters(model_config: PretrainedConfig, config: TrainConfig) -> ParameterCounts:
+    """Build the model on the meta device (no memory, no weights read) and count parameters by kind."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+    output = model.get_output_embeddings()
+    linear = {name: module for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not output}
+    quantized_layers = list(linear.values()) if config.quantization.method != "none" else []
+    quantized = [m.weight.numel() for m in quantized_layers]
+    total = sum(p.numel() for p in model.parameters())
+    targets = config.lora.target_modules
+    adapted = [m for name, m in linear.items()
+               if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets]
+    lora = sum(config.lora.r * (m.in_features + m.out_features) for m in adapted)
+    if config.lora.use_dora:
+        lora += sum(m.out_features for m in adapted)  # one magnitude per output feature
+    for name in config.lora.modules_to_save or []:
+        lora += sum(p.numel() for n, p in model.named_parameters() if n.split(".")[-2] == name)
+    return ParameterCounts(
+        quantized=sum(quantized),
+        quantized_tensors=len(quantized),
+        quantized_rows=sum(m.out_features for m in quantized_layers),
+        largest_quantized=max(quantized, default=0),
+        unquantized=total - sum(quantized),
+        lora=lora,
+        largest_tensor=max(p.numel() for p in model.parameters()),
+    )
+
+
+def load_architecture(model: ModelConfig) -> Architecture:
+    """config.json from the local folder or the hub cache (AutoConfig), else qlora's shipped copy."""
+    try:
+        config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+        local = Path(model.name_or_path).expanduser().is_dir()
+        return Architecture(config, f"{model.name_or_path}/config.json" if local else "the Hugging Face hub (cache)")
+    except OSError as error:
+        shipped = ARCHITECTURES_DIR / (model.name_or_path.replace("/", "--") + ".json")
+        if not shipped.is_file():
+            raise QLoRAError(
+                f"could not read the config.json of model.name_or_path={model.name_or_path} ({error}), and qlora "
+                f"ships no copy of it (it has {', '.join(sorted(p.stem for p in ARCHITECTURES_DIR.glob('*.json')))}). "
+                f"Download the model's config.json into a folder and set model.name_or_path to that folder."
+            ) from error
+        values = json.loads(shipped.read_text())
+        return Architecture(AutoConfig.for_model(**values), f"qlora's shipped copy ({shipped.name}; offline)")
+
+
+def load_dtype(model: ModelConfig, model_config: PretrainedConfig) -> torch.dtype:
+    """The dtype unquantized weights load in: model.dtype, or config.json's with model.dtype=auto."""
+    if model.dtype != "auto":
+        return getattr(torch, model.dtype)
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def largest_shard_bytes(model: ModelConfig) -> Optional[int]:
+    """Size of the largest safetensors file of a local checkpoint (None for a hub id)."""
+    folder = Path(model.name_or_path).expanduser()
+    shards = [path.stat().st_size for path in folder.glob("*.safetensors")] if folder.is_dir() else []
+    return max(shards) if shards else None
+
+
+def largest_batch(config: TrainConfig, memory: int, architecture: Optional[Architecture] = None) -> int:
+    """The largest batch size whose planned training peak fits `memory` bytes at data.max_length (0: none)."""
+    architecture = architecture or load_architecture(config.model)
+    return _largest(lambda b: plan_memory(config, b, None, architecture).training_peak <= memory, 4096)
+
+
+def longest_sequence(config: TrainConfig, memory: int, architecture: Optional[Architecture] = None) -> int:
+    """The longest sequence (a multiple of 64) whose planned peak fits at the configured batch size (0: none)."""
+    architecture = architecture or load_architecture(config.model)
+    limit = getattr(architecture.config.get_text_config(), "max_position_embeddings", None) or 2**20
+    fits = _largest(lambda n: plan_memory(config, None, 64 * n, architecture).training_peak <= memory, limit // 64)
+    return 64 * fits
+
+
+def _largest(fits, limit: int) -> int:
+    """The largest n in [1, limit] with fits(n), for a monotone fits; 0 when even 1 does not fit."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _bytes(dtype: str) -> int:
+    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def main() -> None:
+    from qlora.plan_report import main as plan_command  # the command line and the printed table
+
+    plan_command()
+
+
+if __name__ == "__main__":
+    main()

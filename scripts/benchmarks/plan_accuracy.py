@@ -1,0 +1,183 @@
+"""The memory planner against measurements: footprint, load peak and its bound, training peak.
+
+    python scripts/benchmarks/plan_accuracy.py            # GPU: random Llama-2-7B and Llama-3-8B, ~4 minutes
+    python scripts/benchmarks/plan_accuracy.py --tiny     # CPU: the shipped tiny model saved in 4 shards
+
+For each architecture the checkpoint is built (scripts/benchmarks/make_random_checkpoint.py), loaded once
+through qlora's stages (load_quantized_model, prepare_for_kbit_training, attach_lora), then trained for a
+few steps per (batch, sequence length) with build_trainer on random tokens: a fresh trainer and optimizer
+each time, peak statistics reset and the cache emptied in between. On the GPU memory is
+torch.cuda.max_memory_allocated; with --tiny it is the growth of the process's anonymous resident memory
+(RssAnon; sampled every millisecond), which also holds Python's own allocations, so only the load bound
+is checked there. Writes $OUT/plan_accuracy.md (a table) and $OUT/plan_accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora.config import ASSETS_DIR, compose_config
+from qlora.plan import GiB, plan_memory
+from qlora.stages.adapters import attach_lora
+from qlora.stages.model import load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.trainer import build_trainer
+
+GPU_CASES = {"llama2-7b": [(1, 1024), (4, 1024), (1, 2048), (4, 2048)],
+             "llama3-8b": [(1, 1024), (4, 1024), (1, 2048), (4, 2048)]}
+TINY_CASES = {"tiny": [(4, 64), (16, 128)]}
+STEPS = 3
+
+
+class PeakMemory:
+    """Peak bytes since reset: torch's allocator on a GPU, RssAnon of this process on the CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.peak, self.base, self._stop = cuda, 0, 0, threading.Event()
+        if not cuda:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = _rss_anon()
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else _rss_anon()
+
+    def max(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return self.peak
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_anon())
+            time.sleep(0.001)
+
+
+def _rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def build_checkpoint(name: str, folder: Path) -> None:
+    if name == "tiny":  # the shipped model saved in several shards, as the big ones are
+        model = AutoModelForCausalLM.from_pretrained(ASSETS_DIR / "tiny-llama", dtype=torch.bfloat16)
+        model.save_pretrained(folder, max_shard_size="200KB")
+        load_tokenizer_folder = ASSETS_DIR / "tiny-llama"
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / file).write_bytes((load_tokenizer_folder / file).read_bytes())
+        return
+    script = Path(__file__).resolve().parent / "make_random_checkpoint.py"
+    subprocess.run([sys.executable, str(script), name, str(folder)], check=True)
+
+
+def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool) -> list[dict]:
+    folder = scratch / name
+    build_checkpoint(name, folder)
+    cuda = torch.cuda.is_available() and not tiny
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    recipe = ["+recipe=tiny"] if tiny else ["+recipe=llama7b"]
+    base = [*recipe, f"model.name_or_path={folder}", "model.dtype=bfloat16", "eval.exact_match_samples=0",
+            f"training.max_steps={STEPS}", "training.save_steps=0", "training.logging_steps=1",
+            "training.warmup_ratio=0"]
+    config = compose_config([*base, f"training.output_dir={scratch / 'run'}"])
+    memory = PeakMemory(cuda)
+    memory.reset()
+    before = memory.current()
+    model = load_quantized_model(config.model, config.quantization, device)
+    load_peak, after_load = memory.max() - before, memory.current() - before
+    footprint = model.get_memory_footprint()
+    tokenizer = load_tokenizer(config.model)
+    model = attach_lora(prepare_for_kbit_training(model, config.training.gradient_checkpointing), config.lora)
+    rows = []
+    for batch, seq in cases:
+        case = compose_config([*base, f"training.batch_size={batch}", f"data.max_length={seq}",
+                               f"training.output_dir={scratch / f'run-{batch}-{seq}'}"])
+        plan = plan_memory(case)
+        ids = torch.randint(3, 500, (batch * (STEPS + 1), seq), generator=torch.Generator().manual_seed(0))
+        data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+        run_dir = scratch / f"run-{batch}-{seq}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = build_trainer(case, model, tokenizer, data, run_dir)
+        memory.reset()
+        start = time.perf_counter()
+        trainer.train()
+        peak = memory.max() - (0 if cuda else memory.base)
+        del trainer
+        rows.append({
+            "architecture": name, "batch_size": batch, "seq_len": seq, "device": str(device),
+            "footprint_planned": plan.footprint, "footprint_get_memory_footprint": footprint,
+            "footprint_allocated": after_load,
+            "load_peak_planned": plan.load_peak, "load_peak_measured": load_peak, "load_bound": plan.load_bound,
+            "training_peak_planned": plan.training_peak, "training_peak_measured": peak,
+            "paged_optimizer_planned": plan.paged_optimizer, "train_seconds": round(time.perf_counter() - start, 1),
+            "plan": {k: v for k, v in asdict(plan).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        })
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "plan"}), flush=True)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    def gib(value):
+        return "-" if value is None else f"{value / GiB:.3f}"
+
+    def error(planned, measured):
+        return f"{100 * (planned - measured) / measured:+.1f}%" if measured else "-"
+
+    lines = ["| model | batch | seq | footprint planned | measured (allocated) | get_memory_footprint | error |"
+             " load peak planned | measured | bound | within bound | training peak planned | measured | error |",
+             "|" + "---|" * 14]
+    for r in rows:
+        lines.append(
+            f"| {r['architecture']} | {r['batch_size']} | {r['seq_len']} | {gib(r['footprint_planned'])} | "
+            f"{gib(r['footprint_allocated'])} | {gib(r['footprint_get_memory_footprint'])} | "
+            f"{error(r['footprint_planned'], r['footprint_allocated'])} | {gib(r['load_peak_planned'])} | "
+            f"{gib(r['load_peak_measured'])} | {gib(r['load_bound'])} | "
+            f"{'-' if r['load_bound'] is None else r['load_peak_measured'] <= r['load_bound']} | "
+            f"{gib(r['training_peak_planned'])} | {gib(r['training_peak_measured'])} | "
+            f"{error(r['training_peak_planned'], r['training_peak_measured'])} |")
+    return "\n".join(lines) + "\n\nGiB. Paged optimizer states live outside torch's allocator and are in neither column.\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the shipped tiny model on the CPU (a correctness check)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(os.environ.get("OUT", "."))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, cases in (TINY_CASES if args.tiny else GPU_CASES).items():
+            rows += measure(name, cases, Path(scratch), args.tiny)
+    (out / "plan_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "plan_accuracy.md").write_text(render(rows))
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The memory planner: parameter counts and footprint against the real loaded model, every recipe on the
+CPU, the command line, and the largest batch that fits."""
+
+import pytest
+import torch
+
+from conftest import run_cli
+from qlora.config import compose_config, recipes_dir
+from qlora.plan import GiB, largest_batch, load_architecture, longest_sequence, plan_memory
+from qlora.stages.model import load_quantized_model
+
+RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def test_counts_and_footprint_match_the_loaded_tiny_model(tiny_config):
+    config = tiny_config()
+    plan = plan_memory(config)
+    model = load_quantized_model(config.model, config.quantization, torch.device("cpu"))
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert plan.params.quantized_tensors == len(quantized) == 28
+    assert plan.params.quantized == sum(m.in_features * m.out_features for m in quantized)
+    # get_memory_footprint counts parameters and buffers (rotary frequencies): packed 4-bit weights and the
+    # unquantized ones, not the quantization statistics
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert plan.quantized_weights + plan.unquantized_weights + buffers == model.get_memory_footprint()
+    statistics = sum(m.weight.quant_state.absmax.numel() for m in quantized)
+    assert plan.quant_statistics >= statistics  # the uint8 absmax (double quant) and its fp32 second level
+
+
+def test_lora_count_matches_peft(tiny_config):
+    from qlora.stages.adapters import attach_lora
+
+    for overrides in ((), ("lora=attention",), ("lora.use_dora=true",)):
+        config = tiny_config(*overrides)
+        model = attach_lora(load_quantized_model(config.model, config.quantization, torch.device("cpu")), config.lora)
+        assert plan_memory(config).params.lora == model.get_nb_trainable_parameters()[0], overrides
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_is_planned_offline(recipe):
+    config = compose_config([f"+recipe={recipe}"])
+    plan = plan_memory(config)
+    assert plan.training_peak > plan.footprint > 0
+    assert plan.activations_with_checkpointing < plan.activations_without_checkpointing
+    if recipe != "tiny":
+        assert "shipped copy" in plan.architecture_source  # no network here
+        assert 3.3 * GiB < plan.footprint < 5.6 * GiB  # 7-8B parameters in 4 bits, embeddings in bf16
+
+
+def test_published_parameter_counts():
+    config = compose_config(["+recipe=llama7b"])
+    params = plan_memory(config).params
+    assert params.quantized + params.unquantized == 6_738_415_616  # Llama-2-7B
+    assert params.lora == 39_976_960  # r=16 on the 7 linear layers of 32 blocks
+
+
+def test_peak_grows_with_batch_and_the_largest_batch_fits():
+    config = compose_config(["+recipe=llama7b"])
+    architecture = load_architecture(config.model)
+    peaks = [plan_memory(config, b, 2048, architecture).training_peak for b in (1, 2, 4)]
+    assert peaks[0] < peaks[1] < peaks[2]
+    batch = largest_batch(config, 24 * GiB, architecture)
+    assert plan_memory(config, batch, None, architecture).training_peak <= 24 * GiB
+    assert plan_memory(config, batch + 1, None, architecture).training_peak > 24 * GiB
+    assert longest_sequence(config, 1 * GiB, architecture) == 0  # the weights alone do not fit
+    assert longest_sequence(config, 400 * GiB, architecture) == 4096  # Llama-2's context
+
+
+def test_plan_command_with_gpu_memory_flag(tmp_path):
+    result = run_cli("+recipe=llama7b", "--gpu-memory", "24GiB", cwd=tmp_path, command="qlora.plan")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "config.json from qlora's shipped copy" in result.stdout
+    for text in ("quantized linear (nf4)", "LoRA (trainable, r=16)", "quantization statistics", "load peak",
+                 "training peak at batch 4 x 2048 tokens", "without gradient checkpointing", "logits and loss",
+                 "fits plan.gpu_memory=24GiB", "largest batch size at data.max_length=2048"):
+        assert text in result.stdout, text
+    same = run_cli("+recipe=llama7b", "plan.gpu_memory=24GiB", cwd=tmp_path, command="qlora.plan")
+    assert same.stdout == result.stdout
+    assert list(tmp_path.iterdir()) == []  # planning writes nothing
+
+
+def test_plan_command_refuses_a_bad_memory_size(tmp_path):
+    result = run_cli("--gpu-memory=lots", cwd=tmp_path, command="qlora.plan")
+    assert result.returncode == 2 and "plan.gpu_memory=lots is not a memory size" in result.stderr
+    assert "Traceback" not in result.stderr
