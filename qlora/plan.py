@@ -9,7 +9,10 @@ The terms model the code as it trains today:
 - bitsandbytes 4-bit: two weights per byte, one absmax per 64 weights (fp32, or uint8 with double quant
   plus one fp32 per 256 blocks); `lm_head` stays unquantized.
 - peft's prepare_model_for_kbit_training casts every unquantized weight (embeddings, norms, lm_head,
-  biases; with quantization=none every weight) to float32, so the residual stream is float32 too.
+  biases; with quantization=none every weight) to float32, so the residual stream is float32 too; with
+  performance.frozen_weights_float32=false (the default) they are cast back to the compute dtype, and the
+  residual stream is in the compute dtype.
+- performance.activation_offloading=true keeps the per-layer checkpoints in CPU memory.
 - TRL casts the adapters of a quantized model to bf16 (qlora keeps them in float32 with float32 compute).
 - gradient checkpointing (non-reentrant, one checkpoint per decoder layer) keeps each layer's float32
   input and recomputes one layer at a time in the backward pass.
@@ -125,14 +128,18 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     head_dim = getattr(arch, "head_dim", None) or hidden // arch.num_attention_heads
     kv = (getattr(arch, "num_key_value_heads", None) or arch.num_attention_heads) * head_dim
     h_coef, i_coef, kv_coef = SAVED_PER_TOKEN[compute]
+    # the residual stream (embeddings' output, norms' inputs, checkpoints) is in the frozen weights' dtype
+    residual = 4 if config.performance.frozen_weights_float32 else compute
     # one decoder layer's saved tensors; dropout adds its mask and output for every adapter's input
     layer = int(tokens * (h_coef * hidden + i_coef * intermediate + kv_coef * kv))
     if config.lora.dropout > 0:
         layer += int(tokens * DROPOUT_PER_INPUT[compute] * (6 * hidden + intermediate))
-    embedding_and_norm = tokens * hidden * 4 * 2  # the float32 embedding output and the final norm's input
-    # the backward pass of one layer holds the gradients of its largest float32 activations at once
-    backward = tokens * 4 * (3 * intermediate + 2 * hidden)
-    with_checkpointing = tokens * hidden * 4 * layers + layer + backward + embedding_and_norm
+    embedding_and_norm = tokens * hidden * residual * 2  # the embedding output and the final norm's input
+    # the backward pass of one layer holds the gradients of its largest activations at once
+    backward = tokens * residual * (3 * intermediate + 2 * hidden)
+    # one checkpoint (the layer's input) per layer, unless offloaded to CPU memory
+    checkpoints = 0 if config.performance.activation_offloading else tokens * hidden * residual * layers
+    with_checkpointing = checkpoints + layer + backward + embedding_and_norm
     without_checkpointing = layer * layers + backward + embedding_and_norm
     lora_bytes = 4 if method == "none" or compute == 4 else 2
     optimizer, paged = optimizer_bytes(config.training.optim, params.lora, lora_bytes)
@@ -147,15 +154,15 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         unquantized_weights=params.unquantized * load,
         largest_tensor_bytes=params.largest_tensor * load,
         largest_shard_bytes=largest_shard_bytes(config.model),
-        # k-bit preparation: every weight that is not 4/8-bit becomes float32
-        weights=quantized + statistics + params.unquantized * 4,
+        # k-bit preparation: every weight that is not 4/8-bit becomes float32 (or goes back to the compute dtype)
+        weights=quantized + statistics + params.unquantized * residual,
         lora_and_optimizer=params.lora * lora_bytes * 2 + optimizer,  # weights, gradients, states
         paged_optimizer=paged,
         activations=with_checkpointing if config.training.gradient_checkpointing else without_checkpointing,
         activations_with_checkpointing=with_checkpointing,
         activations_without_checkpointing=without_checkpointing,
-        # the float32 hidden states the head keeps and their gradient, one tile of logits and one of weights
-        logits_loss=tokens * hidden * 4 * 2 + min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB)
+        # the hidden states the head keeps and their gradient, one tile of logits and one of weights
+        logits_loss=tokens * hidden * residual * 2 + min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB)
         * compute + min(arch.vocab_size, LOSS_TILE_VOCAB) * hidden * compute,
         # a 4-bit weight is dequantized for each matmul (forward, and again in backward); cuBLAS's workspace
         workspace=(2 * params.largest_quantized * compute if method != "none" else 0) + CUBLAS_WORKSPACE,

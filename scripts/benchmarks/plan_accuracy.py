@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 from qlora.config import ASSETS_DIR, compose_config
 from qlora.plan import GiB, plan_memory
 from qlora.stages.adapters import attach_lora
-from qlora.stages.model import load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.model import frozen_weights_dtype, load_quantized_model, load_tokenizer, prepare_for_kbit_training
 from qlora.stages.trainer import build_trainer
 
 GPU_CASES = {"llama2-7b": [(1, 1024), (4, 1024), (1, 2048), (4, 2048)],
@@ -92,7 +92,7 @@ def build_checkpoint(name: str, folder: Path) -> None:
     subprocess.run([sys.executable, str(script), name, str(folder)], check=True)
 
 
-def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool) -> list[dict]:
+def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, overrides: list[str]) -> list[dict]:
     folder = scratch / name
     build_checkpoint(name, folder)
     cuda = torch.cuda.is_available() and not tiny
@@ -100,7 +100,7 @@ def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool) 
     recipe = ["+recipe=tiny"] if tiny else ["+recipe=llama7b"]
     base = [*recipe, f"model.name_or_path={folder}", "model.dtype=bfloat16", "eval.exact_match_samples=0",
             f"training.max_steps={STEPS}", "training.save_steps=0", "training.logging_steps=1",
-            "training.warmup_ratio=0"]
+            "training.warmup_ratio=0", *overrides]
     config = compose_config([*base, f"training.output_dir={scratch / 'run'}"])
     memory = PeakMemory(cuda)
     memory.reset()
@@ -109,7 +109,8 @@ def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool) 
     load_peak, after_load = memory.max() - before, memory.current() - before
     footprint = model.get_memory_footprint()
     tokenizer = load_tokenizer(config.model)
-    model = attach_lora(prepare_for_kbit_training(model, config.training.gradient_checkpointing), config.lora)
+    dtype = frozen_weights_dtype(config.performance, config.quantization)
+    model = attach_lora(prepare_for_kbit_training(model, config.training.gradient_checkpointing, dtype), config.lora)
     rows = []
     for batch, seq in cases:
         case = compose_config([*base, f"training.batch_size={batch}", f"data.max_length={seq}",
@@ -126,7 +127,7 @@ def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool) 
         peak = memory.max() - (0 if cuda else memory.base)
         del trainer
         rows.append({
-            "architecture": name, "batch_size": batch, "seq_len": seq, "device": str(device),
+            "architecture": name, "overrides": " ".join(overrides), "batch_size": batch, "seq_len": seq, "device": str(device),
             "footprint_planned": plan.footprint, "footprint_get_memory_footprint": footprint,
             "footprint_allocated": after_load,
             "load_peak_planned": plan.load_peak, "load_peak_measured": load_peak, "load_bound": plan.load_bound,
@@ -148,7 +149,8 @@ def render(rows: list[dict]) -> str:
     def error(planned, measured):
         return f"{100 * (planned - measured) / measured:+.1f}%" if measured else "-"
 
-    lines = ["| model | batch | seq | footprint planned | measured (allocated) | get_memory_footprint | error |"
+    lines = [f"overrides: {rows[0]['overrides'] or '(none: the recipe defaults)'}" if rows else "", "",
+             "| model | batch | seq | footprint planned | measured (allocated) | get_memory_footprint | error |"
              " load peak planned | measured | bound | within bound | training peak planned | measured | error |",
              "|" + "---|" * 14]
     for r in rows:
@@ -166,6 +168,8 @@ def render(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the shipped tiny model on the CPU (a correctness check)")
+    parser.add_argument("--override", action="append", default=[], help="a qlora override for every case")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the architectures")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(os.environ.get("OUT", "."))
@@ -173,7 +177,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, cases in (TINY_CASES if args.tiny else GPU_CASES).items():
-            rows += measure(name, cases, Path(scratch), args.tiny)
+            if args.models is None or name in args.models.split(","):
+                rows += measure(name, cases, Path(scratch), args.tiny, args.override)
     (out / "plan_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "plan_accuracy.md").write_text(render(rows))
     print(render(rows))
