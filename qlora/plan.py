@@ -43,6 +43,12 @@ GiB = 2**30
 # torch.autograd.graph.saved_tensors_hooks on the real stages (nf4, LoRA, SDPA), by compute dtype.
 SAVED_PER_TOKEN = {2: (27.8, 14.9, 4.5), 4: (30.3, 17.5, 9.0)}  # compute bytes -> (hidden, intermediate, kv)
 DROPOUT_PER_INPUT = {2: 1.9, 4: 5.15}  # LoRA dropout's mask and output, per element of each adapted layer's input
+# The GPU default (bf16 compute, frozen weights and residual stream in bf16, Liger's kernels, LoRA dropout on
+# all linear layers): beyond the per-layer checkpoints, the training peak grows by this many bytes per token
+# and per unit of (hidden, intermediate) size: the recomputed layer, its backward pass and the loss head's
+# hidden states. Fitted to torch.cuda.max_memory_allocated on an H100 for Llama-2-7B and Llama-3-8B at
+# 1k-8k tokens per batch (scripts/benchmarks/results/2026-11-22-h100-plan-accuracy.md).
+GPU_WORKING_SET_PER_TOKEN = (41.8, 6.1)
 LOSS_TILE_TOKENS, LOSS_TILE_VOCAB = 4096, 32768  # TRL's fused LM head tiles (trl/kernels/chunked_logprob.py)
 CUBLAS_WORKSPACE = 32 * 2**20
 BNB_BLOCK, BNB_BLOCK2 = 64, 256  # 4-bit block size, and blocks per double-quant block
@@ -141,6 +147,12 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     checkpoints = 0 if config.performance.activation_offloading else tokens * hidden * residual * layers
     with_checkpointing = checkpoints + layer + backward + embedding_and_norm
     without_checkpointing = layer * layers + backward + embedding_and_norm
+    head_hidden = tokens * hidden * residual * 2  # the hidden states the loss head keeps, and their gradient
+    calibrated = residual == compute == 2
+    if calibrated:  # the measured GPU default replaces the CPU-measured terms of the recomputed layer
+        h_gpu, i_gpu = GPU_WORKING_SET_PER_TOKEN
+        with_checkpointing = checkpoints + int(tokens * (h_gpu * hidden + i_gpu * intermediate))
+        head_hidden = 0  # part of the fitted working set
     lora_bytes = 4 if method == "none" or compute == 4 else 2
     optimizer, paged = optimizer_bytes(config.training.optim, params.lora, lora_bytes)
     return MemoryPlan(
@@ -161,9 +173,9 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         activations=with_checkpointing if config.training.gradient_checkpointing else without_checkpointing,
         activations_with_checkpointing=with_checkpointing,
         activations_without_checkpointing=without_checkpointing,
-        # the hidden states the head keeps and their gradient, one tile of logits and one of weights
-        logits_loss=tokens * hidden * residual * 2 + min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB)
-        * compute + min(arch.vocab_size, LOSS_TILE_VOCAB) * hidden * compute,
+        # one tile of logits, and (with a float32 head cast under autocast) one tile of the head's weights
+        logits_loss=head_hidden + min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB) * compute
+        + (0 if calibrated else min(arch.vocab_size, LOSS_TILE_VOCAB) * hidden * compute),
         # a 4-bit weight is dequantized for each matmul (forward, and again in backward); cuBLAS's workspace
         workspace=(2 * params.largest_quantized * compute if method != "none" else 0) + CUBLAS_WORKSPACE,
     )

@@ -36,7 +36,7 @@ from qlora.stages.model import frozen_weights_dtype, load_quantized_model, load_
 from qlora.stages.trainer import build_trainer
 
 GPU_CASES = {"llama2-7b": [(1, 1024), (4, 1024), (1, 2048), (4, 2048)],
-             "llama3-8b": [(1, 1024), (4, 1024), (1, 2048), (4, 2048)]}
+             "llama3-8b": [(1, 2048), (4, 1024), (4, 2048), (1, 1024)]}
 TINY_CASES = {"tiny": [(4, 64), (16, 128)]}
 STEPS = 3
 
