@@ -3,10 +3,10 @@
     python scripts/benchmarks/plan_accuracy.py            # GPU: random Llama-2-7B and Llama-3-8B, ~4 minutes
     python scripts/benchmarks/plan_accuracy.py --tiny     # CPU: the shipped tiny model saved in 4 shards
 
-For each architecture the checkpoint is built (scripts/benchmarks/make_random_checkpoint.py), loaded once
-through qlora's stages (load_quantized_model, prepare_for_kbit_training, attach_lora), then trained for a
-few steps per (batch, sequence length) with build_trainer on random tokens: a fresh trainer and optimizer
-each time, peak statistics reset and the cache emptied in between. On the GPU memory is
+For each architecture the checkpoint is built (scripts/benchmarks/make_random_checkpoint.py); for each
+(batch, sequence length) it is loaded afresh through qlora's stages (load_quantized_model,
+prepare_for_kbit_training, attach_lora) and trained for a few steps with build_trainer on random tokens,
+so that every case is measured as a user's first run; peak statistics are reset after loading. On the GPU memory is
 torch.cuda.max_memory_allocated; with --tiny it is the growth of the process's anonymous resident memory
 (RssAnon; sampled every millisecond), which also holds Python's own allocations, so only the load bound
 is checked there. Writes $OUT/plan_accuracy.md (a table) and $OUT/plan_accuracy.json.
@@ -15,6 +15,7 @@ is checked there. Writes $OUT/plan_accuracy.md (a table) and $OUT/plan_accuracy.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -101,21 +102,13 @@ def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, 
     base = [*recipe, f"model.name_or_path={folder}", "model.dtype=bfloat16", "eval.exact_match_samples=0",
             f"training.max_steps={STEPS}", "training.save_steps=0", "training.logging_steps=1",
             "training.warmup_ratio=0", *overrides]
-    config = compose_config([*base, f"training.output_dir={scratch / 'run'}"])
     memory = PeakMemory(cuda)
-    memory.reset()
-    before = memory.current()
-    model = load_quantized_model(config.model, config.quantization, device)
-    load_peak, after_load = memory.max() - before, memory.current() - before
-    footprint = model.get_memory_footprint()
-    tokenizer = load_tokenizer(config.model)
-    dtype = frozen_weights_dtype(config.performance, config.quantization)
-    model = attach_lora(prepare_for_kbit_training(model, config.training.gradient_checkpointing, dtype), config.lora)
     rows = []
     for batch, seq in cases:
         case = compose_config([*base, f"training.batch_size={batch}", f"data.max_length={seq}",
                                f"training.output_dir={scratch / f'run-{batch}-{seq}'}"])
         plan = plan_memory(case)
+        model, tokenizer, load_peak, after_load, footprint = load(case, device, memory)
         ids = torch.randint(3, 500, (batch * (STEPS + 1), seq), generator=torch.Generator().manual_seed(0))
         data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
         run_dir = scratch / f"run-{batch}-{seq}"
@@ -125,7 +118,10 @@ def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, 
         start = time.perf_counter()
         trainer.train()
         peak = memory.max() - (0 if cuda else memory.base)
-        del trainer
+        del trainer, model
+        gc.collect()  # peft and the trainer hold the model in reference cycles
+        if cuda:
+            torch.cuda.empty_cache()
         rows.append({
             "architecture": name, "overrides": " ".join(overrides), "batch_size": batch, "seq_len": seq, "device": str(device),
             "footprint_planned": plan.footprint, "footprint_get_memory_footprint": footprint,
@@ -136,10 +132,20 @@ def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, 
             "plan": {k: v for k, v in asdict(plan).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         })
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "plan"}), flush=True)
-    del model
-    if cuda:
-        torch.cuda.empty_cache()
     return rows
+
+
+def load(config, device: torch.device, memory: "PeakMemory"):
+    """Load and prepare the model afresh for each case: each is measured as a user's first run."""
+    memory.reset()
+    before = memory.current()
+    model = load_quantized_model(config.model, config.quantization, device)
+    load_peak, after_load = memory.max() - before, memory.current() - before
+    footprint = model.get_memory_footprint()
+    tokenizer = load_tokenizer(config.model)
+    dtype = frozen_weights_dtype(config.performance, config.quantization)
+    model = attach_lora(prepare_for_kbit_training(model, config.training.gradient_checkpointing, dtype), config.lora)
+    return model, tokenizer, load_peak, after_load, footprint
 
 
 def render(rows: list[dict]) -> str:
