@@ -18,14 +18,13 @@ from typing import Iterator, Optional
 
 import datasets
 import torch
-from accelerate import PartialState
 from transformers import set_seed
 
 from qlora.config import TrainConfig
 from qlora.data import load_sft_dataset, prepare_sft_data
 from qlora.errors import TrainingInterrupted
 from qlora.stages.adapters import attach_lora
-from qlora.stages.artifacts import prepare_run_dir, save_adapter
+from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
 from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, out_of_memory_error
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
@@ -35,6 +34,7 @@ from qlora.stages.model import (
     load_tokenizer,
     prepare_for_kbit_training,
 )
+from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
 from qlora.stages.trainer import build_trainer, peak_memory_gib
 
 log = logging.getLogger("qlora")
@@ -52,15 +52,18 @@ class RunSummary:
 
 
 def run_training(config: TrainConfig) -> RunSummary:
-    state = PartialState()
+    state = process_state()
+    share_run_dir(config, state)  # before anything reads training.output_dir
+    if not state.is_main_process:
+        logging.getLogger("qlora").setLevel(logging.WARNING)  # the run's log is the main process's
     run_dir = Path(config.training.output_dir).expanduser()
     resume_from = find_resume_checkpoint(config)  # refuses a checkpoint that does not fit, before any write
     resuming = config.training.resume is not None
     resume_step = checkpoint_step(resume_from) if resume_from else (0 if resuming else None)
+    on_main_process(state, lambda: prepare_run_dir(config, resume_step))
     if state.is_main_process:
-        run_dir = prepare_run_dir(config, resume_step)
         _log_to_file(run_dir / "train.log")
-    state.wait_for_everyone()
+    log.info("global batch: %s", describe_global_batch(config, state.num_processes))
     seconds: dict[str, float] = {}
     set_seed(config.training.seed)  # LoRA's initial weights come from this seed
 
@@ -72,16 +75,15 @@ def run_training(config: TrainConfig) -> RunSummary:
         if state.is_main_process:
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
-        model = load_quantized_model(config.model, config.quantization, state.device)
+        model = load_quantized_model(config.model, config.quantization, state.device, sharded=uses_fsdp())
         fit_embeddings_to_tokenizer(model, tokenizer)
     with stage("k-bit preparation", seconds):
-        model = prepare_for_kbit_training(model, config.training.gradient_checkpointing)
+        model = prepare_for_kbit_training(model, config.training.gradient_checkpointing, sharded=uses_fsdp())
     with stage("LoRA adapters", seconds):
         model = attach_lora(model, config.lora)
         trainable, total = model.get_nb_trainable_parameters()
         log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    if state.is_main_process:
-        check_free_space(run_dir, trainable, config.training.save_total_limit)
+    on_main_process(state, lambda: check_free_space(run_dir, trainable, config.training.save_total_limit))
 
     before = after = None
     if heldout is not None:
@@ -104,9 +106,7 @@ def run_training(config: TrainConfig) -> RunSummary:
     if stop.received is not None:
         raise _interrupted(stop.received, trainer.state.global_step, run_dir)
     with stage("save adapter", seconds):
-        adapter_dir = run_dir / "adapter"
-        if state.is_main_process:
-            save_adapter(trainer.model, tokenizer, run_dir)
+        adapter_dir = save_trained_adapter(trainer, tokenizer, run_dir)
     if heldout is not None:
         with stage("held-out check (after)", seconds):
             after = exact_match(trainer.model, tokenizer, heldout, config.eval.max_new_tokens)

@@ -39,6 +39,8 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         fp16=compute_dtype == "float16",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        # every LoRA weight takes part in every step: DDP need not search the graph for unused ones
+        ddp_find_unused_parameters=False,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -54,6 +56,9 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=t.batch_size,
         report_to="none",
+        # transformers makes its own accelerate state; on a machine without a GPU it must ask for the CPU,
+        # or processes started by `accelerate launch` would each train alone instead of joining over gloo
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
