@@ -102,7 +102,8 @@ def validate_launch(config: TrainConfig) -> None:
             "quantization.method=int8 cannot be sharded by FSDP (its 8-bit weights are integers): use "
             "quantization=nf4 with quantization.quant_storage=bfloat16, or launch with configs/accelerate/ddp.yaml."
         )
-    if q.method in ("nf4", "fp4") and (q.quant_storage != q.compute_dtype or model.dtype not in ("auto", q.quant_storage)):
+    storage_differs = q.quant_storage != q.compute_dtype or model.dtype not in ("auto", q.quant_storage)
+    if q.method in ("nf4", "fp4") and storage_differs:
         raise QLoRAError(
             f"quantization.quant_storage={q.quant_storage} under FSDP: FSDP shards a layer's weights as one tensor "
             f"of one dtype, so the 4-bit weights must be stored in the dtype of the others. Set "

@@ -23,15 +23,17 @@ from qlora.stages.processes import describe_global_batch
 STEPS = ("training.max_steps=4", "training.logging_steps=1", "eval.exact_match_samples=0")
 
 
-def launch_two_processes(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch` of qlora.train in 2 CPU processes.
+def launch_two_processes(*args: str, cwd: Path, fault: tuple[str, ...] = (), env: dict | None = None
+                         ) -> subprocess.CompletedProcess:
+    """`accelerate launch` of qlora.train (or of tests/fault_injection.py FAULT STEP) in 2 CPU processes.
 
     `--multi_gpu` is accelerate's torchrun launcher; on a machine without CUDA qlora joins the processes
     over gloo (accelerate's `--cpu` alone starts a single process unless mpirun is configured).
     """
+    target = [str(Path(__file__).parent / "fault_injection.py"), *fault] if fault else ["-m", "qlora.train"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "qlora.train", *args]
+               "--main_process_port", str(29500 + os.getpid() % 1000), *target, *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "",
                 **(env or {})}
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
@@ -59,41 +61,38 @@ def assert_same_adapter(adapter_dir: Path, reference_run: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """2 processes of batch 8, 4 steps, a checkpoint every 2, in the default output_dir (with ${now:...})."""
+def interrupted_and_resumed(tmp_path_factory) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, Path]:
+    """2 processes of batch 8 in the default output_dir (with ${now:...}); SIGTERM reaches only the process
+    of rank 1, at step 2; then the same command resumes to step 4."""
     cwd = tmp_path_factory.mktemp("two")
-    result = launch_two_processes("training.batch_size=8", "training.save_steps=2", *STEPS, cwd=cwd,
-                                  env={"HF_DATASETS_CACHE": str(cwd / "datasets-cache")})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, cwd
-
-
-def test_two_processes_write_one_run_folder_matching_one_process(two_process_run, one_process_run):
-    result, cwd = two_process_run
+    run = ("training.batch_size=8", *STEPS)
+    interrupted = launch_two_processes(*run, cwd=cwd, fault=("sigterm-rank-1", "2"),
+                                       env={"HF_DATASETS_CACHE": str(cwd / "datasets-cache")})
     runs = list((cwd / "outputs" / "tiny").iterdir())
-    assert len(runs) == 1, runs  # both processes agree on the main process's folder
-    run_dir = runs[0]
-    assert result.stdout.count("global batch: 16 = batch_size 8 x grad_accum 1 x 2 process(es)") == 1
+    assert len(runs) == 1, (runs, interrupted.stderr[-3000:])  # both processes took the main process's folder
+    resumed = launch_two_processes(*run, f"training.output_dir={runs[0]}", "training.resume=auto", cwd=cwd)
+    return interrupted, resumed, runs[0]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(interrupted_and_resumed):
+    interrupted, _, run_dir = interrupted_and_resumed
+    assert interrupted.returncode != 0
+    assert interrupted.stderr.count("training stopped by SIGTERM after step 2") == 2, interrupted.stderr[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert interrupted.stdout.count("global batch: 16 = batch_size 8 x grad_accum 1 x 2 process(es)") == 1
+    # the main process tokenized; the other read its result from the datasets cache
+    assert interrupted.stderr.count("tokenizing: 100%") == 1
+
+
+def test_two_processes_resume_into_one_run_matching_one_process(interrupted_and_resumed, one_process_run):
+    _, resumed, run_dir = interrupted_and_resumed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/checkpoint-2" in resumed.stdout
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert losses(run_dir) == pytest.approx(losses(one_process_run), rel=1e-4)
     assert (run_dir / "train.log").read_text().count("training loss") == 1
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("adapter")) == ["adapter"]
     assert_same_adapter(run_dir / "adapter", one_process_run)
-    # the main process tokenized; the other read its result from the datasets cache
-    assert result.stderr.count("tokenizing: 100%") == 1
-
-
-def test_two_processes_resume_to_the_uninterrupted_adapter(two_process_run, one_process_run, tmp_path):
-    _, cwd = two_process_run
-    checkpoint = next((cwd / "outputs" / "tiny").iterdir()) / "checkpoints" / "checkpoint-2"
-    # continue from step 2 as a preempted job would: optimizer, scheduler, RNG and data position restored
-    resumed = launch_two_processes("training.batch_size=8", "training.save_steps=2", *STEPS,
-                                   f"training.resume={checkpoint}", "training.output_dir=resumed", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {checkpoint}" in resumed.stdout
-    assert [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()] == [3, 4]
-    assert losses(tmp_path / "resumed") == pytest.approx(losses(one_process_run)[2:], rel=1e-4)
-    assert_same_adapter(tmp_path / "resumed" / "adapter", one_process_run)
 
 
 def test_global_batch_is_described_with_its_factors(tiny_config):
