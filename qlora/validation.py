@@ -105,10 +105,10 @@ def validate_launch(config: TrainConfig) -> None:
     storage_differs = q.quant_storage != q.compute_dtype or model.dtype not in ("auto", q.quant_storage)
     if q.method in ("nf4", "fp4") and storage_differs:
         raise QLoRAError(
-            f"quantization.quant_storage={q.quant_storage} under FSDP: FSDP shards a layer's weights as one tensor "
-            f"of one dtype, so the 4-bit weights must be stored in the dtype of the others. Set "
-            f"quantization.quant_storage={q.compute_dtype} (= quantization.compute_dtype"
-            f"{'' if model.dtype == 'auto' else ' and model.dtype'})."
+            f"quantization.quant_storage={q.quant_storage} with quantization.compute_dtype={q.compute_dtype} and "
+            f"model.dtype={model.dtype} under FSDP: FSDP shards a layer's weights as one tensor of one dtype, so "
+            f"the 4-bit weights must be stored in the dtype of the others. Set quantization.quant_storage="
+            f"{q.compute_dtype}{'' if model.dtype == 'auto' else f' and model.dtype={q.compute_dtype}'}."
         )
     if config.eval.during_training and config.eval.exact_match_samples:
         raise QLoRAError(

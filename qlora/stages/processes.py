@@ -8,7 +8,6 @@ taken from something only one process saw (a signal, a NaN in its gradient shard
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -17,8 +16,6 @@ from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from qlora.config import TrainConfig
 from qlora.errors import QLoRAError
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -36,10 +33,6 @@ def process_state() -> PartialState:
 def uses_fsdp() -> bool:
     """Launched by `accelerate launch` with an FSDP config (it tells the processes through the environment)."""
     return parse_flag_from_env("ACCELERATE_USE_FSDP")
-
-
-def uses_deepspeed() -> bool:
-    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def share_run_dir(config: TrainConfig, state: PartialState) -> None:
