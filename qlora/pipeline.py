@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -144,7 +145,10 @@ def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
 def _interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
     checkpoint = newest_checkpoint(run_dir / "checkpoints")
     kept = [arg for arg in sys.argv[1:] if not arg.startswith(("training.resume=", "training.output_dir="))]
-    command = " ".join(["python -m qlora.train", *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
+    # under accelerate launch the same launcher and options run it again (accelerate does not pass them on)
+    launcher = "accelerate launch [the same options] -m qlora.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        else "python -m qlora.train"
+    command = " ".join([launcher, *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
     return TrainingInterrupted(
         f"training stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {checkpoint}. "
         f"Resume with: {command}",

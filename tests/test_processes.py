@@ -78,6 +78,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(interrupted_and_res
     interrupted, _, run_dir = interrupted_and_resumed
     assert interrupted.returncode != 0
     assert interrupted.stderr.count("training stopped by SIGTERM after step 2") == 2, interrupted.stderr[-3000:]
+    assert "Resume with: accelerate launch [the same options] -m qlora.train" in interrupted.stderr
     assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
     assert interrupted.stdout.count("global batch: 16 = batch_size 8 x grad_accum 1 x 2 process(es)") == 1
     # the main process tokenized; the other read its result from the datasets cache
