@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,14 +19,13 @@ from typing import Iterator, Optional
 
 import datasets
 import torch
-from accelerate import PartialState
 from transformers import set_seed
 
 from qlora.config import TrainConfig
 from qlora.data import load_sft_dataset, prepare_sft_data
 from qlora.errors import TrainingInterrupted
 from qlora.stages.adapters import attach_lora
-from qlora.stages.artifacts import prepare_run_dir, save_adapter
+from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
 from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, out_of_memory_error
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
@@ -37,6 +37,7 @@ from qlora.stages.model import (
     load_tokenizer,
     prepare_for_kbit_training,
 )
+from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
 from qlora.stages.trainer import build_trainer, check_performance_support, peak_memory_gib
 
 log = logging.getLogger("qlora")
@@ -54,15 +55,18 @@ class RunSummary:
 
 
 def run_training(config: TrainConfig) -> RunSummary:
-    state = PartialState()
+    state = process_state()
+    share_run_dir(config, state)  # before anything reads training.output_dir
+    if not state.is_main_process:
+        logging.getLogger("qlora").setLevel(logging.WARNING)  # the run's log is the main process's
     run_dir = Path(config.training.output_dir).expanduser()
     resume_from = find_resume_checkpoint(config)  # refuses a checkpoint that does not fit, before any write
     resuming = config.training.resume is not None
     resume_step = checkpoint_step(resume_from) if resume_from else (0 if resuming else None)
+    on_main_process(state, lambda: prepare_run_dir(config, resume_step))
     if state.is_main_process:
-        run_dir = prepare_run_dir(config, resume_step)
         _log_to_file(run_dir / "train.log")
-    state.wait_for_everyone()
+    log.info("global batch: %s", describe_global_batch(config, state.num_processes))
     seconds: dict[str, float] = {}
     set_seed(config.training.seed)  # LoRA's initial weights come from this seed
 
@@ -75,17 +79,17 @@ def run_training(config: TrainConfig) -> RunSummary:
         if state.is_main_process:
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
-        model = load_quantized_model(config.model, config.quantization, state.device)
+        model = load_quantized_model(config.model, config.quantization, state.device, sharded=uses_fsdp())
         fit_embeddings_to_tokenizer(model, tokenizer)
     with stage("k-bit preparation", seconds):
         model = prepare_for_kbit_training(model, config.training.gradient_checkpointing,
-                                          frozen_weights_dtype(config.performance, config.quantization))
+                                          frozen_weights_dtype(config.performance, config.quantization),
+                                          sharded=uses_fsdp())
     with stage("LoRA adapters", seconds):
         model = attach_lora(model, config.lora)
         trainable, total = model.get_nb_trainable_parameters()
         log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    if state.is_main_process:
-        check_free_space(run_dir, trainable, config.training.save_total_limit)
+    on_main_process(state, lambda: check_free_space(run_dir, trainable, config.training.save_total_limit))
 
     before = after = None
     if heldout is not None:
@@ -108,9 +112,7 @@ def run_training(config: TrainConfig) -> RunSummary:
     if stop.received is not None:
         raise _interrupted(stop.received, trainer.state.global_step, run_dir)
     with stage("save adapter", seconds):
-        adapter_dir = run_dir / "adapter"
-        if state.is_main_process:
-            save_adapter(trainer.model, tokenizer, run_dir)
+        adapter_dir = save_trained_adapter(trainer, tokenizer, run_dir)
     if heldout is not None:
         with stage("held-out check (after)", seconds):
             after = exact_match(trainer.model, tokenizer, heldout, config.eval.max_new_tokens)
@@ -148,7 +150,10 @@ def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
 def _interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
     checkpoint = newest_checkpoint(run_dir / "checkpoints")
     kept = [arg for arg in sys.argv[1:] if not arg.startswith(("training.resume=", "training.output_dir="))]
-    command = " ".join(["python -m qlora.train", *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
+    # under accelerate launch the same launcher and options run it again (accelerate does not pass them on)
+    launcher = "accelerate launch [the same options] -m qlora.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        else "python -m qlora.train"
+    command = " ".join([launcher, *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
     return TrainingInterrupted(
         f"training stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {checkpoint}. "
         f"Resume with: {command}",

@@ -4,6 +4,7 @@ FAULT is one of
   sigkill-in-save  SIGKILL while checkpoint-STEP is being written (after transformers' files, before the rename)
   sigterm          SIGTERM at the start of step STEP
   sigterm-twice    SIGTERM twice at the start of step STEP
+  sigterm-rank-1   SIGTERM at the start of step STEP, in the process of rank 1 only (under accelerate launch)
 Run as a subprocess by the tests, exactly like `python -m qlora.train`, so a hard kill kills only it.
 """
 
@@ -40,6 +41,8 @@ def inject(fault: str, step: int) -> None:
         qlora.stages.checkpoints._fsync_tree = kill_while_saving
         return
     build_trainer = qlora.pipeline.build_trainer
+    if fault == "sigterm-rank-1" and os.environ.get("RANK") != "1":
+        return
     callback = SignalAtStep(step, times=2 if fault == "sigterm-twice" else 1)
     # build_trainer(config, model, tokenizer, train, run_dir, validation, callbacks, resuming)
     qlora.pipeline.build_trainer = lambda *args: build_trainer(*args[:6], [*args[6], callback], *args[7:])

@@ -11,9 +11,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, Trainer
 
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
@@ -80,15 +81,34 @@ def describe_environment() -> dict:
     }
 
 
-def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+def save_trained_adapter(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+    """Save the trained adapter from every process: the main process writes it.
+
+    Under FSDP each process holds a shard of the weights, so all of them take part in gathering the full
+    state dict (accelerate's get_state_dict, onto the main process's CPU); peft keeps only the adapter's
+    tensors, which then load in a single process.
+    """
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if trainer.accelerator.is_main_process:
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run_dir, state_dict)
+    trainer.accelerator.wait_for_everyone()
+    return run_dir / "adapter"
+
+
+def save_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    run_dir: Path,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+) -> Path:
     """Save the adapter (peft format) and tokenizer to run_dir/adapter, atomically.
 
     Written to a temporary folder first and renamed, so a crash mid-save never leaves a folder named
-    `adapter` that is incomplete.
+    `adapter` that is incomplete. `state_dict`: the model's gathered weights, where they are sharded.
     """
     final, partial = run_dir / "adapter", run_dir / "adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    model.save_pretrained(partial, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
     if final.exists():  # only with training.overwrite_output_dir=true (a resume moved it aside)
         shutil.rmtree(final)

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import newest_checkpoint
+from qlora.stages.processes import any_process, largest_on_any_process
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,11 @@ class StopOnSignal(TrainerCallback):
                     "(send it again to exit at once)", signal.Signals(signum).name)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        # A scheduler may signal one process only: all stop at the same step, so that none waits alone
+        # in the next step's collectives (one number all-reduced per step; nothing on one process).
+        signum = largest_on_any_process(self.received or 0, args.device)
+        if signum:
+            self.received = signum
             control.should_save = True  # also with training.save_steps=0
             control.should_training_stop = True
 
@@ -76,7 +81,9 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # under FSDP each process holds a shard of the gradients: the verdict must be the same everywhere
+        if not any_process(not finite, args.device):
             return
         step = state.global_step + 1
         if self.action == "skip":

@@ -75,12 +75,14 @@ def build_bnb_config(quantization: QuantizationConfig) -> BitsAndBytesConfig | N
 
 
 def load_quantized_model(
-    model: ModelConfig, quantization: QuantizationConfig, device: torch.device
+    model: ModelConfig, quantization: QuantizationConfig, device: torch.device, sharded: bool = False
 ) -> PreTrainedModel:
     """Load the base model, quantizing while loading, entirely onto this process's device.
 
     Under `accelerate launch` every process passes its own device, so each holds a full copy (DDP);
-    device_map="auto" would instead spread one copy over all GPUs.
+    device_map="auto" would instead spread one copy over all GPUs. `sharded` (FSDP): no device map, so
+    that transformers loads as FSDP expects (its cpu_ram_efficient_loading path) and FSDP then shards
+    the weights over the processes.
     """
     check_device_support(model, quantization, device)
     if model.trust_remote_code:
@@ -101,7 +103,7 @@ def load_quantized_model(
             model.name_or_path,
             revision=model.revision,
             dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
-            device_map={"": device},
+            device_map=None if sharded else {"": device},
             attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,
             **quantization_kwargs,
@@ -184,13 +186,20 @@ def check_device_support(model: ModelConfig, quantization: QuantizationConfig, d
 
 
 def prepare_for_kbit_training(
-    model: PreTrainedModel, gradient_checkpointing: bool, frozen_weights_dtype: torch.dtype = torch.float32
+    model: PreTrainedModel,
+    gradient_checkpointing: bool,
+    frozen_weights_dtype: torch.dtype = torch.float32,
+    sharded: bool = False,
 ) -> PreTrainedModel:
     """peft's k-bit preparation: freeze the base, upcast non-quantized weights, make inputs require grad.
 
     peft upcasts every non-quantized weight (embeddings, norms, lm_head) to float32. The frozen ones
     need no more than the compute dtype (norms compute in float32 inside the layer anyway), so with
     `frozen_weights_dtype` set to it they are cast back: half their memory and no cast in every step.
+
+    `sharded` (FSDP): freeze and make inputs require grad only. FSDP flattens each wrapped layer's
+    weights into one tensor of one dtype, so the norms stay in the storage dtype of the 4-bit weights
+    instead of peft's float32 upcast (TRL skipped the preparation for sharded QLoRA for the same reason).
     """
     if gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise QLoRAError(
@@ -198,6 +207,12 @@ def prepare_for_kbit_training(
             f"checkpointing. Set training.gradient_checkpointing=false (and lower training.batch_size or "
             f"data.max_length if memory runs short)."
         )
+    if sharded:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:  # the Trainer turns checkpointing on; the frozen inputs must carry grads
+            model.enable_input_require_grads()
+        return model
     model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=gradient_checkpointing,

@@ -46,6 +46,8 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         fp16=compute_dtype == "float16",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        # every LoRA weight takes part in every step: DDP need not search the graph for unused ones
+        ddp_find_unused_parameters=False,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -65,6 +67,9 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         liger_kernel_config=LIGER_LAYER_KERNELS,
         activation_offloading=config.performance.activation_offloading,
         torch_compile=config.performance.torch_compile,
+        # transformers makes its own accelerate state; on a machine without a GPU it must ask for the CPU,
+        # or processes started by `accelerate launch` would each train alone instead of joining over gloo
+        use_cpu=not torch.cuda.is_available(),
     )
 
 

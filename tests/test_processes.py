@@ -1,0 +1,124 @@
+"""Several processes under `accelerate launch` on the CPU (gloo): one run folder, the same numbers as one
+process with the same global batch, resume, and the combinations refused before loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora.config import compose_config
+from qlora.errors import QLoRAError
+from qlora.pipeline import run_training
+from qlora.stages.processes import describe_global_batch
+
+# Two processes of batch 8 see, per step, the same 16 examples as one process of batch 16: accelerate's
+# seedable sampler draws one order and gives process i the batches i, i + 2, ... of it.
+STEPS = ("training.max_steps=4", "training.logging_steps=1", "eval.exact_match_samples=0")
+
+
+def launch_two_processes(*args: str, cwd: Path, fault: tuple[str, ...] = (), env: dict | None = None
+                         ) -> subprocess.CompletedProcess:
+    """`accelerate launch` of qlora.train (or of tests/fault_injection.py FAULT STEP) in 2 CPU processes.
+
+    `--multi_gpu` is accelerate's torchrun launcher; on a machine without CUDA qlora joins the processes
+    over gloo (accelerate's `--cpu` alone starts a single process unless mpirun is configured).
+    """
+    target = [str(Path(__file__).parent / "fault_injection.py"), *fault] if fault else ["-m", "qlora.train"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(29500 + os.getpid() % 1000), *target, *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "",
+                **(env or {})}
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """The run folder of a 1-process run, batch 16, 4 steps."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    run_training(compose_config([f"training.output_dir={run_dir}", "training.batch_size=16", *STEPS]))
+    return run_dir
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in (row := json.loads(line))]
+
+
+def assert_same_adapter(adapter_dir: Path, reference_run: Path) -> None:
+    adapter = load_file(adapter_dir / "adapter_model.safetensors")
+    reference = load_file(reference_run / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_resumed(tmp_path_factory) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess, Path]:
+    """2 processes of batch 8 in the default output_dir (with ${now:...}); SIGTERM reaches only the process
+    of rank 1, at step 2; then the same command resumes to step 4."""
+    cwd = tmp_path_factory.mktemp("two")
+    run = ("training.batch_size=8", *STEPS)
+    interrupted = launch_two_processes(*run, cwd=cwd, fault=("sigterm-rank-1", "2"),
+                                       env={"HF_DATASETS_CACHE": str(cwd / "datasets-cache")})
+    runs = list((cwd / "outputs" / "tiny").iterdir())
+    assert len(runs) == 1, (runs, interrupted.stderr[-3000:])  # both processes took the main process's folder
+    resumed = launch_two_processes(*run, f"training.output_dir={runs[0]}", "training.resume=auto", cwd=cwd)
+    return interrupted, resumed, runs[0]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(interrupted_and_resumed):
+    interrupted, _, run_dir = interrupted_and_resumed
+    assert interrupted.returncode != 0
+    assert interrupted.stderr.count("training stopped by SIGTERM after step 2") == 2, interrupted.stderr[-3000:]
+    assert "Resume with: accelerate launch [the same options] -m qlora.train" in interrupted.stderr
+    assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert interrupted.stdout.count("global batch: 16 = batch_size 8 x grad_accum 1 x 2 process(es)") == 1
+    # the main process tokenized; the other read its result from the datasets cache
+    assert interrupted.stderr.count("tokenizing: 100%") == 1
+
+
+def test_two_processes_resume_into_one_run_matching_one_process(interrupted_and_resumed, one_process_run):
+    _, resumed, run_dir = interrupted_and_resumed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/checkpoint-2" in resumed.stdout
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert losses(run_dir) == pytest.approx(losses(one_process_run), rel=1e-4)
+    assert (run_dir / "train.log").read_text().count("training loss") == 1
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("adapter")) == ["adapter"]
+    assert_same_adapter(run_dir / "adapter", one_process_run)
+
+
+def test_global_batch_is_described_with_its_factors(tiny_config):
+    config = tiny_config("training.batch_size=4", "training.grad_accum=2")
+    assert describe_global_batch(config, 4) == "32 = batch_size 4 x grad_accum 2 x 4 process(es)"
+
+
+@pytest.mark.parametrize("environment, overrides, expected", [
+    ({"WORLD_SIZE": "2"}, ["training.batch_size=auto"], "training.batch_size=auto with 2 processes"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed is not supported"),
+    ({"ACCELERATE_USE_FSDP": "true"}, [], r"quantization.quant_storage=uint8 .* under FSDP.*Set quantization.quant_storage=float32"),
+    ({"ACCELERATE_USE_FSDP": "true"}, ["quantization.quant_storage=float32", "model.dtype=bfloat16"],
+     "model.dtype=bfloat16 under FSDP.*quant_storage=float32 and model.dtype=float32"),
+    ({"ACCELERATE_USE_FSDP": "true"}, ["quantization=int8", "quantization.double_quant=false"],
+     "quantization.method=int8 cannot be sharded"),
+    ({"ACCELERATE_USE_FSDP": "true"}, ["quantization.quant_storage=float32", "eval.during_training=true"],
+     "eval.during_training=true under FSDP"),
+])
+def test_launch_combinations_that_cannot_work_are_refused(tiny_config, monkeypatch, environment, overrides, expected):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(QLoRAError, match=expected):
+        tiny_config(*overrides)
+
+
+def test_fsdp_with_float_storage_is_accepted(tiny_config, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert tiny_config("quantization.quant_storage=float32").quantization.quant_storage == "float32"
