@@ -1,8 +1,14 @@
-"""The trainer stage: training.batch_size=auto shrinks the batch on out-of-memory until a step fits."""
+"""The trainer stage: training.batch_size=auto shrinks the batch on out-of-memory until a step fits; metrics go
+to the loggers of training.report_to."""
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 from trl import SFTTrainer
 
+from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
 
 
@@ -22,3 +28,51 @@ def test_batch_size_auto_finds_the_largest_batch_that_fits(tiny_config, monkeypa
     assert tried[0] == 64 and tried == sorted(tried, reverse=True)
     assert tried[-1] <= 16 < tried[-2]  # 64, 57, 51, ... 17, 15
     assert summary.train_loss_first is not None
+
+
+def _logged_losses(run_dir):
+    return [row["loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def test_metrics_go_to_tensorboard_by_default(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config("training.max_steps=3", "training.logging_steps=1", "eval.exact_match_samples=0")
+    assert config.training.report_to == ["tensorboard"]
+    run_dir = Path(run_training(config).run_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    written = events.Scalars("train/loss")
+    assert [event.step for event in written] == [1, 2, 3]
+    assert [event.value for event in written] == pytest.approx(_logged_losses(run_dir), rel=1e-6)
+    assert len(events.Scalars("train/learning_rate")) == 3
+
+
+def test_wandb_and_mlflow_write_offline_into_the_run_folder(tiny_config, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = tiny_config("training.max_steps=2", "training.logging_steps=1", "eval.exact_match_samples=0",
+                         "training.report_to=[wandb,mlflow]")
+    run_dir = Path(run_training(config).run_dir)
+    wandb.finish()
+    losses = _logged_losses(run_dir)
+    # MLflow's file store: one "<time> <value> <step>" line per logged value
+    (loss_file,) = (run_dir / "mlruns").glob("*/*/metrics/loss")
+    assert [float(line.split()[1]) for line in loss_file.read_text().splitlines()] == pytest.approx(losses)
+    # wandb's offline run file (protobuf records) holds each logged loss as JSON text
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert all(json.dumps(loss).encode() in wandb_file.read_bytes() for loss in losses)
+    assert not (run_dir / "tensorboard").exists()
+
+
+def test_report_to_names_a_missing_package_with_the_fix(tiny_config, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(QLoRAError, match=r"training.report_to includes wandb, but wandb is not installed: `pip install wandb`"):
+        tiny_config("training.report_to=wandb")
+    with pytest.raises(QLoRAError, match="training.report_to=comet is not supported"):
+        tiny_config("training.report_to=[tensorboard,comet]")
+    assert tiny_config("training.report_to=none").training.report_to == "none"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -14,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig
 
-from qlora.config import AUTO_BATCH_SIZE_START, TrainConfig
+from qlora.config import AUTO_BATCH_SIZE_START, TrainConfig, report_destinations
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
 
 
@@ -53,7 +54,8 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         eval_strategy="steps" if has_validation else "no",
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=t.batch_size,
-        report_to="none",
+        report_to=report_destinations(t) or "none",
+        run_name=f"{checkpoints_dir.parent.parent.name}/{checkpoints_dir.parent.name}",  # e.g. tiny/<date_time>
     )
 
 
@@ -67,6 +69,7 @@ def build_trainer(
     callbacks: Sequence[TrainerCallback] = (),
     resuming: bool = False,
 ) -> AtomicCheckpointTrainer:
+    direct_loggers_to(run_dir)
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=build_sft_config(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
@@ -84,6 +87,27 @@ def build_trainer(
             if param.requires_grad:
                 param.data = param.data.float()
     return trainer
+
+
+# What the user set before qlora ran; a later run in the same process must not inherit an earlier run's folder.
+_USER_LOGGER_ENV = {name: os.environ.get(name) for name in ("WANDB_DIR", "MLFLOW_TRACKING_URI")}
+
+
+def direct_loggers_to(run_dir: Path) -> None:
+    """Make transformers' logger integrations write into the run folder (they read these at set-up).
+
+    TensorBoard's event files go to <run>/tensorboard; wandb's files and a local MLflow store go into the
+    run folder unless the user pointed them elsewhere (WANDB_DIR, MLFLOW_TRACKING_URI).
+    """
+    run_dir = run_dir.resolve()
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    os.environ["WANDB_DIR"] = _USER_LOGGER_ENV["WANDB_DIR"] or str(run_dir)
+    os.environ["MLFLOW_TRACKING_URI"] = _USER_LOGGER_ENV["MLFLOW_TRACKING_URI"] or (run_dir / "mlruns").as_uri()
+    if _USER_LOGGER_ENV["MLFLOW_TRACKING_URI"] is None:
+        # MLflow 3 asks for a database backend; a folder in the run folder needs no server and no database
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    os.environ.setdefault("WANDB_PROJECT", "qlora")
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "qlora")
 
 
 class MetricsFile(TrainerCallback):
