@@ -35,6 +35,7 @@ from qlora.stages.model import (
     load_tokenizer,
     prepare_for_kbit_training,
 )
+from qlora.stages.progress import quiet_library_noise
 from qlora.stages.trainer import build_trainer, peak_memory_gib
 
 log = logging.getLogger("qlora")
@@ -53,6 +54,7 @@ class RunSummary:
 
 def run_training(config: TrainConfig) -> RunSummary:
     state = PartialState()
+    quiet_library_noise(state.is_main_process)
     run_dir = Path(config.training.output_dir).expanduser()
     resume_from = find_resume_checkpoint(config)  # refuses a checkpoint that does not fit, before any write
     resuming = config.training.resume is not None

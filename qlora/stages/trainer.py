@@ -12,11 +12,12 @@ from typing import Sequence
 
 import datasets
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, ProgressCallback, TrainerCallback
 from trl import SFTConfig
 
 from qlora.config import AUTO_BATCH_SIZE_START, TrainConfig, report_destinations
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
+from qlora.stages.progress import TrainingProgress
 
 
 def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False) -> SFTConfig:
@@ -79,6 +80,9 @@ def build_trainer(
         callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming), *callbacks],
         qlora_config=config,
     )
+    trainer.remove_callback(ProgressCallback)  # one bar, ours, with loss, lr, tokens/s and ETA
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainingProgress())
     # TRL casts the adapters of a quantized model to bf16 (the QLoRA paper's choice for bf16 compute).
     # With float32 compute (the CPU) keep them in float32: bf16 weights would drop small updates and
     # compute the adapters less precisely than the reloaded adapter does.
