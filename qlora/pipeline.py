@@ -36,6 +36,8 @@ from qlora.stages.model import (
     prepare_for_kbit_training,
 )
 from qlora.stages.progress import quiet_library_noise
+from qlora.stages.report import write_report
+from qlora.stages.startup import FirstStepMemory, show_summary, startup_summary, write_summary
 from qlora.stages.trainer import build_trainer, peak_memory_gib
 
 log = logging.getLogger("qlora")
@@ -98,6 +100,12 @@ def run_training(config: TrainConfig) -> RunSummary:
             callbacks.append(HeldoutEvaluation(heldout, tokenizer, config.eval.max_new_tokens,
                                                config.training.eval_steps, run_dir / "metrics.jsonl"))
         trainer = build_trainer(config, model, tokenizer, data.train, run_dir, data.validation, callbacks, resuming)
+    overview = startup_summary(config, trainable, total, data.stats, len(data.validation) if data.validation else None,
+                               len(trainer.train_dataset), state.num_processes, run_dir, resume_command(run_dir))
+    trainer.add_callback(FirstStepMemory(overview, run_dir))
+    if state.is_main_process:
+        write_summary(overview, run_dir)
+        show_summary(overview)
     with stage("train", seconds):
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
@@ -128,6 +136,7 @@ def run_training(config: TrainConfig) -> RunSummary:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         log.info("training loss %.4f -> %.4f; adapter saved to %s", summary.train_loss_first or float("nan"),
                  summary.train_loss_last or float("nan"), adapter_dir)
+        log.info("report: %s", write_report(run_dir))
     return summary
 
 
@@ -145,13 +154,17 @@ def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
 
 def _interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
     checkpoint = newest_checkpoint(run_dir / "checkpoints")
-    kept = [arg for arg in sys.argv[1:] if not arg.startswith(("training.resume=", "training.output_dir="))]
-    command = " ".join(["python -m qlora.train", *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
     return TrainingInterrupted(
         f"training stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {checkpoint}. "
-        f"Resume with: {command}",
+        f"Resume with: {resume_command(run_dir)}",
         signum,
     )
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run from its newest checkpoint: this command line, pinned to its folder."""
+    kept = [arg for arg in sys.argv[1:] if not arg.startswith(("training.resume=", "training.output_dir="))]
+    return " ".join(["python -m qlora.train", *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
 
 
 def _heldout_examples(config: TrainConfig) -> datasets.Dataset | None:

@@ -22,7 +22,8 @@ PACKAGES = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "ac
 
 
 # What a run writes at the top of its folder; a resumed run moves the earlier ones aside, never over them.
-RUN_OUTPUTS = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "adapter")
+RUN_OUTPUTS = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "adapter", "startup_summary.json",
+               "report.md", "report.png")
 
 
 def prepare_run_dir(config: TrainConfig, resume_step: Optional[int] = None) -> Path:
