@@ -8,6 +8,7 @@ import pytest
 import torch
 from trl import SFTTrainer
 
+from conftest import run_cli
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
 
@@ -47,15 +48,15 @@ def test_metrics_go_to_tensorboard_by_default(tiny_config):
     assert len(events.Scalars("train/learning_rate")) == 3
 
 
-def test_wandb_and_mlflow_write_offline_into_the_run_folder(tiny_config, monkeypatch):
-    import wandb
-
+def test_wandb_and_mlflow_write_offline_into_the_run_folder(tmp_path, monkeypatch):
+    # A fresh process, as users run it: within one process, an earlier run's MLflowCallback (transformers)
+    # ends the active MLflow run whenever it is garbage-collected.
     monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
     monkeypatch.setenv("WANDB_SILENT", "true")
-    config = tiny_config("training.max_steps=2", "training.logging_steps=1", "eval.exact_match_samples=0",
-                         "training.report_to=[wandb,mlflow]")
-    run_dir = Path(run_training(config).run_dir)
-    wandb.finish()
+    result = run_cli("training.output_dir=run", "training.max_steps=2", "training.logging_steps=1",
+                     "eval.exact_match_samples=0", "training.report_to=[wandb,mlflow]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
     losses = _logged_losses(run_dir)
     # MLflow's file store: one "<time> <value> <step>" line per logged value
     (loss_file,) = (run_dir / "mlruns").glob("*/*/metrics/loss")

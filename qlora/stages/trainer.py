@@ -70,7 +70,7 @@ def build_trainer(
     callbacks: Sequence[TrainerCallback] = (),
     resuming: bool = False,
 ) -> AtomicCheckpointTrainer:
-    direct_loggers_to(run_dir)
+    direct_loggers_to(run_dir, report_destinations(config.training))
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=build_sft_config(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
@@ -97,7 +97,7 @@ def build_trainer(
 _USER_LOGGER_ENV = {name: os.environ.get(name) for name in ("WANDB_DIR", "MLFLOW_TRACKING_URI")}
 
 
-def direct_loggers_to(run_dir: Path) -> None:
+def direct_loggers_to(run_dir: Path, destinations: Sequence[str] = ()) -> None:
     """Make transformers' logger integrations write into the run folder (they read these at set-up).
 
     TensorBoard's event files go to <run>/tensorboard; wandb's files and a local MLflow store go into the
@@ -112,6 +112,12 @@ def direct_loggers_to(run_dir: Path) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     os.environ.setdefault("WANDB_PROJECT", "qlora")
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "qlora")
+    if "mlflow" in destinations:
+        import mlflow
+
+        # transformers sets the URI only when none is set yet in this process: a second run in the same
+        # process (a notebook) would log into the first run's folder
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 class MetricsFile(TrainerCallback):
