@@ -24,6 +24,8 @@ DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 NONFINITE_ACTIONS = ("stop", "skip")
+# training.report_to: transformers' integrations qlora sets up and tests (metrics.jsonl is always written)
+REPORT_DESTINATIONS = ("tensorboard", "wandb", "mlflow")
 # training.batch_size=auto: on a GPU the memory planner's largest batch that fits with this share of the memory
 # kept free; on the CPU (no device memory to plan against) AUTO_BATCH_SIZE_START. Out of memory shrinks it by 10%.
 AUTO_BATCH_MEMORY_MARGIN = 0.10
@@ -148,6 +150,8 @@ class TrainingConfig:
     resume: Optional[str] = None
     # a step whose loss or gradients are NaN/inf: stop with an error, or skip the optimizer update
     on_nonfinite: str = "stop"
+    # where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (one name or a list); none for nowhere
+    report_to: Any = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -251,6 +255,12 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     regex: Optional[str] = None  # an answer is right when this pattern's match (group 1 if any) equals the reference
     output_file: Optional[str] = None  # default: eval.json in the run folder (or beside the adapter)
+
+
+def report_destinations(training: TrainingConfig) -> list[str]:
+    """training.report_to as a list: one name, a list of names, or none/[] for no destination."""
+    names = [training.report_to] if isinstance(training.report_to, str) else list(training.report_to or [])
+    return [name for name in names if name != "none"]
 
 
 def register_configs() -> None:

@@ -29,7 +29,7 @@ from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
 from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, out_of_memory_error
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
-from qlora.stages.memory import FirstStepMemory
+from qlora.stages.memory import expected_training_peak
 from qlora.stages.model import (
     fit_embeddings_to_tokenizer,
     frozen_weights_dtype,
@@ -38,6 +38,9 @@ from qlora.stages.model import (
     prepare_for_kbit_training,
 )
 from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
+from qlora.stages.progress import quiet_library_noise
+from qlora.stages.report import write_report
+from qlora.stages.startup import FirstStepMemory, show_summary, startup_summary, write_summary
 from qlora.stages.trainer import build_trainer, check_performance_support, peak_memory_gib
 
 log = logging.getLogger("qlora")
@@ -56,6 +59,7 @@ class RunSummary:
 
 def run_training(config: TrainConfig) -> RunSummary:
     state = process_state()
+    quiet_library_noise(state.is_main_process)
     share_run_dir(config, state)  # before anything reads training.output_dir
     if not state.is_main_process:
         logging.getLogger("qlora").setLevel(logging.WARNING)  # the run's log is the main process's
@@ -99,11 +103,20 @@ def run_training(config: TrainConfig) -> RunSummary:
     stop = StopOnSignal()
     guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr)
     with stage("trainer", seconds):
-        callbacks = [stop, guard, FirstStepMemory(config)]
+        callbacks = [stop, guard]
         if heldout is not None and config.eval.during_training:
             callbacks.append(HeldoutEvaluation(heldout, tokenizer, config.eval.max_new_tokens,
                                                config.training.eval_steps, run_dir / "metrics.jsonl"))
         trainer = build_trainer(config, model, tokenizer, data.train, run_dir, data.validation, callbacks, resuming)
+    overview = startup_summary(config, trainable, total, data.stats, len(data.validation) if data.validation else None,
+                               len(trainer.train_dataset), state.num_processes, run_dir, resume_command(run_dir))
+    planned_peak = expected_training_peak(config, trainer.args.per_device_train_batch_size)
+    if planned_peak is not None:
+        overview.expected_memory = f"{planned_peak:.2f} GiB training peak per GPU (python -m qlora.plan breaks it down)"
+    trainer.add_callback(FirstStepMemory(overview, run_dir, planned_peak))
+    if state.is_main_process:
+        write_summary(overview, run_dir)
+        show_summary(overview)
     with stage("train", seconds):
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
@@ -132,6 +145,7 @@ def run_training(config: TrainConfig) -> RunSummary:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         log.info("training loss %.4f -> %.4f; adapter saved to %s", summary.train_loss_first or float("nan"),
                  summary.train_loss_last or float("nan"), adapter_dir)
+        log.info("report: %s", write_report(run_dir))
     return summary
 
 
@@ -149,16 +163,20 @@ def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
 
 def _interrupted(signum: int, step: int, run_dir: Path) -> TrainingInterrupted:
     checkpoint = newest_checkpoint(run_dir / "checkpoints")
+    return TrainingInterrupted(
+        f"training stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {checkpoint}. "
+        f"Resume with: {resume_command(run_dir)}",
+        signum,
+    )
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run from its newest checkpoint: this command line, pinned to its folder."""
     kept = [arg for arg in sys.argv[1:] if not arg.startswith(("training.resume=", "training.output_dir="))]
     # under accelerate launch the same launcher and options run it again (accelerate does not pass them on)
     launcher = "accelerate launch [the same options] -m qlora.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
         else "python -m qlora.train"
-    command = " ".join([launcher, *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
-    return TrainingInterrupted(
-        f"training stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {checkpoint}. "
-        f"Resume with: {command}",
-        signum,
-    )
+    return " ".join([launcher, *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
 
 
 def _heldout_examples(config: TrainConfig) -> datasets.Dataset | None:

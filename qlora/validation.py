@@ -3,6 +3,7 @@ checked before any weights are loaded. Each error names the key, the value and t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -14,12 +15,15 @@ from qlora.config import (
     NONFINITE_ACTIONS,
     ON_ERROR,
     QUANT_METHODS,
+    REPORT_DESTINATIONS,
     TRUNCATION,
     DatasetSource,
     DataConfig,
     ModelConfig,
     QuantizationConfig,
     TrainConfig,
+    TrainingConfig,
+    report_destinations,
 )
 from qlora.errors import QLoRAError
 
@@ -71,6 +75,7 @@ def validate(config: TrainConfig) -> None:
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
     _choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
+    _validate_report_to(t)
     if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
         raise QLoRAError(
             f"training.resume={t.resume} is not a folder: use training.resume=auto (the newest checkpoint in "
@@ -162,6 +167,26 @@ def _validate_data(data: DataConfig) -> None:
     for key in ("val_path", "heldout_path"):
         if getattr(data, key) is not None:
             _validate_local_file(f"data.{key}", getattr(data, key))
+
+
+# the package each training.report_to destination needs, and how to install it
+_REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                    "mlflow": ("mlflow", "mlflow-skinny")}
+
+
+def _validate_report_to(training: TrainingConfig) -> None:
+    value = training.report_to
+    if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+        raise QLoRAError(f"training.report_to={value} is not valid: use a name or a list of names, "
+                         f"e.g. training.report_to=[tensorboard,wandb], or training.report_to=none.")
+    for name in report_destinations(training):
+        _choice("training.report_to", name, REPORT_DESTINATIONS + ("none",))
+        module, package = _REPORT_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise QLoRAError(
+                f"training.report_to includes {name}, but {module} is not installed: `pip install {package}`, "
+                f"or leave {name} out of training.report_to (metrics.jsonl is always written)."
+            )
 
 
 def _validate_source(key: str, source: DatasetSource) -> None:

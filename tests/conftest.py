@@ -14,6 +14,9 @@ from qlora.config import TrainConfig, compose_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
+# set by in-process runs of this session: their run folders (direct_loggers_to) and wandb's service, which a
+# child process would otherwise share (its files then written by this process, later)
+LOGGER_ENV = ("TENSORBOARD_LOGGING_DIR", "WANDB_DIR", "MLFLOW_TRACKING_URI", "WANDB_SERVICE")
 
 
 @pytest.fixture
@@ -41,6 +44,8 @@ def trained_run(tmp_path_factory) -> tuple[TrainConfig, Path]:
 def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m COMMAND ARGS` as a user types it, from `cwd`, with `input` as what they type next."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    for name in LOGGER_ENV:
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", command, *args], cwd=cwd, env=env, input=input, capture_output=True, text=True,
         timeout=600,

@@ -28,3 +28,22 @@ def test_refuses_to_write_over_an_earlier_run(tiny_config):
 def test_overwrite_is_explicit(tiny_config):
     prepare_run_dir(tiny_config())
     assert prepare_run_dir(tiny_config("training.overwrite_output_dir=true")).is_dir()
+
+
+def test_an_adapter_without_lora_weights_is_refused_and_the_earlier_one_kept(tiny_config, tmp_path):
+    """A state dict gathered without the adapter (as FSDP's did on 2 GPUs) must not become an empty adapter/."""
+    import torch
+
+    from qlora.stages.adapters import attach_lora
+    from qlora.stages.artifacts import save_adapter
+    from qlora.stages.model import load_quantized_model, load_tokenizer
+
+    config = tiny_config()
+    tokenizer = load_tokenizer(config.model)
+    model = attach_lora(load_quantized_model(config.model, config.quantization, torch.device("cpu")), config.lora)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"earlier weights")
+    with pytest.raises(QLoRAError, match="holds no LoRA weights"):
+        save_adapter(model, tokenizer, tmp_path, state_dict={"model.norm.weight": torch.ones(4)})
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == b"earlier weights"
+    assert "lora_A" in str(save_adapter(model, tokenizer, tmp_path).joinpath("adapter_model.safetensors").read_bytes()[:4000])

@@ -21,6 +21,10 @@ def test_tiny_recipe_trains_end_to_end(tmp_path):
     assert summary["exact_match_before"] == 0.0 and summary["exact_match_after"] >= 0.9
     assert "held-out exact match before training: 0/32" in result.stdout
     assert "held-out exact match after training" in result.stdout
+    # not a terminal: our one line per logging step, not transformers' bar or printed dicts, no library noise
+    assert "step 120/120  loss " in result.stdout and "tok/s" in result.stdout
+    assert "{'loss'" not in result.stdout + result.stderr and "it/s]" not in result.stderr
+    assert "FutureWarning" not in result.stderr and "pin_memory" not in result.stderr
 
 
 def test_cfg_job_prints_the_composed_llama7b_recipe(tmp_path):

@@ -36,8 +36,14 @@ def test_run_folder_holds_config_metrics_adapter_and_summary(tiny_config):
     summary = run_training(config)
     run_dir = Path(summary.run_dir)
     for name in ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "train.log",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "startup_summary.json", "report.md", "report.png"):
         assert (run_dir / name).is_file(), name
+    startup = json.loads((run_dir / "startup_summary.json").read_text())
+    assert startup["steps"] == 30 and startup["trainable_parameters"] == 77_824
+    assert startup["memory_after_first_step_gib"] > 0
+    assert startup["resume_command"].endswith(f"training.output_dir={run_dir} training.resume=auto")
+    assert "| held-out exact match | 0% -> " in (run_dir / "report.md").read_text()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_steps"] == 30
     rows = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib"} <= rows[-1].keys()

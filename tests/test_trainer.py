@@ -1,13 +1,18 @@
 """The trainer stage: training.batch_size=auto (the memory planner on a GPU, a documented start on the CPU,
-shrunk on out-of-memory until a step fits) and the plan logged next to the memory after the first step."""
+shrunk on out-of-memory until a step fits), the plan logged next to the memory after the first step, and
+metrics going to the loggers of training.report_to."""
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from trl import SFTTrainer
 
+from conftest import run_cli
 from qlora.config import AUTO_BATCH_SIZE_START
+from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
 from qlora.plan import GiB, plan_memory
 from qlora.stages.memory import planned_batch_size
@@ -51,3 +56,49 @@ def test_batch_size_auto_plans_the_largest_batch_that_fits_the_gpu(tiny_config):
     free, _ = torch.cuda.mem_get_info()
     assert plan_memory(config, batch_size=batch).training_peak <= free + torch.cuda.memory_allocated()
     assert batch > 16  # the tiny model fits far more than the tiny recipe's batch
+def _logged_losses(run_dir):
+    return [row["loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def test_metrics_go_to_tensorboard_by_default(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config("training.max_steps=3", "training.logging_steps=1", "eval.exact_match_samples=0")
+    assert config.training.report_to == ["tensorboard"]
+    run_dir = Path(run_training(config).run_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    written = events.Scalars("train/loss")
+    assert [event.step for event in written] == [1, 2, 3]
+    assert [event.value for event in written] == pytest.approx(_logged_losses(run_dir), rel=1e-6)
+    assert len(events.Scalars("train/learning_rate")) == 3
+
+
+def test_wandb_and_mlflow_write_offline_into_the_run_folder(tmp_path, monkeypatch):
+    # A fresh process, as users run it: within one process, an earlier run's MLflowCallback (transformers)
+    # ends the active MLflow run whenever it is garbage-collected.
+    monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = run_cli("training.output_dir=run", "training.max_steps=2", "training.logging_steps=1",
+                     "eval.exact_match_samples=0", "training.report_to=[wandb,mlflow]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    losses = _logged_losses(run_dir)
+    # MLflow's file store: one "<time> <value> <step>" line per logged value
+    (loss_file,) = (run_dir / "mlruns").glob("*/*/metrics/loss")
+    assert [float(line.split()[1]) for line in loss_file.read_text().splitlines()] == pytest.approx(losses)
+    # wandb's offline run file (protobuf records) holds each logged loss as JSON text
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert all(json.dumps(loss).encode() in wandb_file.read_bytes() for loss in losses)
+    assert not (run_dir / "tensorboard").exists()
+
+
+def test_report_to_names_a_missing_package_with_the_fix(tiny_config, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(QLoRAError, match=r"training.report_to includes wandb, but wandb is not installed: `pip install wandb`"):
+        tiny_config("training.report_to=wandb")
+    with pytest.raises(QLoRAError, match="training.report_to=comet is not supported"):
+        tiny_config("training.report_to=[tensorboard,comet]")
+    assert tiny_config("training.report_to=none").training.report_to == "none"

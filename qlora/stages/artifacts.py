@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import yaml
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase, Trainer
 
 from qlora.config import TrainConfig, as_plain_dict
@@ -23,7 +24,8 @@ PACKAGES = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "ac
 
 
 # What a run writes at the top of its folder; a resumed run moves the earlier ones aside, never over them.
-RUN_OUTPUTS = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "adapter")
+RUN_OUTPUTS = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "adapter", "startup_summary.json",
+               "report.md", "report.png")
 
 
 def prepare_run_dir(config: TrainConfig, resume_step: Optional[int] = None) -> Path:
@@ -109,11 +111,27 @@ def save_adapter(
     final, partial = run_dir / "adapter", run_dir / "adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, state_dict=state_dict)
+    if not _adapter_tensor_names(partial):
+        # e.g. a state dict gathered without the adapter's weights: an empty adapter would load silently as
+        # the untrained base model, so refuse it and keep whatever adapter/ already holds
+        raise QLoRAError(
+            f"the adapter written to {partial} holds no LoRA weights (the state dict passed to peft had none), "
+            f"so it was not saved as {final}. This is a bug in how the weights were gathered; the checkpoints "
+            f"in {run_dir / 'checkpoints'} are kept."
+        )
     tokenizer.save_pretrained(partial)
     if final.exists():  # only with training.overwrite_output_dir=true (a resume moved it aside)
         shutil.rmtree(final)
     partial.rename(final)
     return final
+
+
+def _adapter_tensor_names(folder: Path) -> list[str]:
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return []
+    with safe_open(str(weights), framework="pt") as f:
+        return list(f.keys())
 
 
 def _version(package: str) -> str | None:

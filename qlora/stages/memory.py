@@ -1,14 +1,15 @@
-"""The memory planner in training: the batch size for training.batch_size=auto, and the plan next to
-the memory actually used after the first optimizer step."""
+"""The memory planner in training: the batch size for training.batch_size=auto, and the expected peak
+shown in the start-up summary next to the memory actually used after the first step."""
 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
-from transformers import TrainerCallback
 
 from qlora.config import AUTO_BATCH_MEMORY_MARGIN, AUTO_BATCH_SIZE_START, TrainConfig
+from qlora.errors import QLoRAError
 from qlora.plan import GiB, largest_batch, plan_memory
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,11 @@ def planned_batch_size(config: TrainConfig) -> int:
     return batch
 
 
-class FirstStepMemory(TrainerCallback):
-    """Log 'memory after first step: X GiB (planned Y GiB)' once the first optimizer step is done."""
-
-    def __init__(self, config: TrainConfig):
-        self.config = config
-        self.logged = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        from qlora.stages.trainer import peak_memory_gib
-
-        if self.logged or not state.is_world_process_zero:
-            return
-        self.logged = True
-        batch = state.train_batch_size or args.per_device_train_batch_size
-        planned = plan_memory(self.config, batch_size=batch).training_peak / GiB
-        where = "" if torch.cuda.is_available() else " on a GPU; here the process's peak resident memory"
-        log.info("memory after first step: %.2f GiB (planned %.2f GiB%s)", peak_memory_gib(), planned, where)
+def expected_training_peak(config: TrainConfig, batch_size: int) -> Optional[float]:
+    """The planner's training peak in GiB for this batch, or None when the model's architecture cannot be
+    planned (e.g. remote code the meta device cannot build): the run goes on without an estimate."""
+    try:
+        return plan_memory(config, batch_size=batch_size).training_peak / GiB
+    except (QLoRAError, ValueError, KeyError, AttributeError) as error:
+        log.warning("no memory estimate for %s: %s", config.model.name_or_path, error)
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -13,13 +14,14 @@ from typing import Sequence
 
 import datasets
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, ProgressCallback, TrainerCallback
 from trl import SFTConfig
 
-from qlora.config import PerformanceConfig, TrainConfig
+from qlora.config import PerformanceConfig, TrainConfig, report_destinations
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
 from qlora.stages.memory import planned_batch_size
+from qlora.stages.progress import TrainingProgress
 
 log = logging.getLogger("qlora")
 
@@ -62,7 +64,8 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         eval_strategy="steps" if has_validation else "no",
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=batch_size,
-        report_to="none",
+        report_to=report_destinations(t) or "none",
+        run_name=f"{checkpoints_dir.parent.parent.name}/{checkpoints_dir.parent.name}",  # e.g. tiny/<date_time>
         use_liger_kernel=uses_liger_kernel(config.performance),
         liger_kernel_config=LIGER_LAYER_KERNELS,
         activation_offloading=config.performance.activation_offloading,
@@ -106,6 +109,7 @@ def build_trainer(
     callbacks: Sequence[TrainerCallback] = (),
     resuming: bool = False,
 ) -> AtomicCheckpointTrainer:
+    direct_loggers_to(run_dir, report_destinations(config.training))
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=build_sft_config(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
@@ -115,6 +119,9 @@ def build_trainer(
         callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming), *callbacks],
         qlora_config=config,
     )
+    trainer.remove_callback(ProgressCallback)  # one bar, ours, with loss, lr, tokens/s and ETA
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainingProgress())
     # TRL casts the adapters of a quantized model to bf16 (the QLoRA paper's choice for bf16 compute).
     # With float32 compute (the CPU) keep them in float32: bf16 weights would drop small updates and
     # compute the adapters less precisely than the reloaded adapter does.
@@ -123,6 +130,33 @@ def build_trainer(
             if param.requires_grad:
                 param.data = param.data.float()
     return trainer
+
+
+# What the user set before qlora ran; a later run in the same process must not inherit an earlier run's folder.
+_USER_LOGGER_ENV = {name: os.environ.get(name) for name in ("WANDB_DIR", "MLFLOW_TRACKING_URI")}
+
+
+def direct_loggers_to(run_dir: Path, destinations: Sequence[str] = ()) -> None:
+    """Make transformers' logger integrations write into the run folder (they read these at set-up).
+
+    TensorBoard's event files go to <run>/tensorboard; wandb's files and a local MLflow store go into the
+    run folder unless the user pointed them elsewhere (WANDB_DIR, MLFLOW_TRACKING_URI).
+    """
+    run_dir = run_dir.resolve()
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    os.environ["WANDB_DIR"] = _USER_LOGGER_ENV["WANDB_DIR"] or str(run_dir)
+    os.environ["MLFLOW_TRACKING_URI"] = _USER_LOGGER_ENV["MLFLOW_TRACKING_URI"] or (run_dir / "mlruns").as_uri()
+    if _USER_LOGGER_ENV["MLFLOW_TRACKING_URI"] is None:
+        # MLflow 3 asks for a database backend; a folder in the run folder needs no server and no database
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    os.environ.setdefault("WANDB_PROJECT", "qlora")
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "qlora")
+    if "mlflow" in destinations:
+        import mlflow
+
+        # transformers sets the URI only when none is set yet in this process: a second run in the same
+        # process (a notebook) would log into the first run's folder
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 class MetricsFile(TrainerCallback):

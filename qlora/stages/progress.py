@@ -1,0 +1,102 @@
+"""What the terminal shows while training: one progress bar from the main process, and no library noise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from datetime import timedelta
+from typing import Optional, TextIO
+
+import datasets
+import transformers
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+log = logging.getLogger("qlora")
+
+
+class TrainingProgress(TrainerCallback):
+    """One bar with loss, lr, tokens/s and ETA (transformers' own bar and log printer are removed).
+
+    Only the main process draws. When the output is not a terminal (a scheduler's log file), a bar's
+    carriage returns would be noise, so each logging step is logged as one plain line instead (also
+    into train.log).
+    tokens/s counts the non-padding tokens TRL adds up in `num_tokens`, over all processes.
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None):
+        self.stream = stream or sys.stderr
+        self.bar: Optional[tqdm] = None
+        self._start = time.perf_counter()
+        self._last_time, self._last_tokens, self._last_step = self._start, None, 0
+        self._start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._start = self._last_time = time.perf_counter()
+        self._start_step = self._last_step = state.global_step  # a resumed run starts part-way
+        if self.stream.isatty():
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True, file=self.stream)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "eval_loss" in logs:
+            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+        if "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), logs.get("num_tokens")
+        tokens_per_s = None
+        if tokens is not None and self._last_tokens is not None and now > self._last_time:
+            tokens_per_s = (tokens - self._last_tokens) / (now - self._last_time)
+        self._last_time, self._last_tokens = now, tokens
+        shown = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0.0):.2e}"}
+        if tokens_per_s is not None:
+            shown["tok/s"] = f"{tokens_per_s:,.0f}"
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=True)
+            return
+        done = state.global_step - self._start_step
+        remaining = (now - self._start) / done * (state.max_steps - state.global_step) if done else 0.0
+        fields = "  ".join(f"{name} {value}" for name, value in shown.items())
+        self._write(f"step {state.global_step}/{state.max_steps}  {fields}  "
+                    f"ETA {timedelta(seconds=round(remaining))}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            log.info(line)
+
+
+def quiet_library_noise(is_main_process: bool) -> None:
+    """Silence what users cannot act on; keep real warnings.
+
+    Off: datasets' per-operation bars and transformers' weight-loading bar (each stage logs its time),
+    library-internal deprecation notices (they concern qlora's calls, not the user's), and torch's
+    pin_memory notice on machines without a GPU. Processes other than the main one print errors only,
+    so that N processes do not print N copies of every message.
+    """
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category,
+                                module=r"(transformers|trl|peft|accelerate|datasets|torch|bitsandbytes)(\.|$)")
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found")
+    if not is_main_process:
+        transformers.utils.logging.set_verbosity_error()
+        datasets.utils.logging.set_verbosity_error()
+        log.setLevel(logging.ERROR)
