@@ -47,7 +47,7 @@ DROPOUT_PER_INPUT = {2: 1.9, 4: 5.15}  # LoRA dropout's mask and output, per ele
 # all linear layers): beyond the per-layer checkpoints, the training peak grows by this many bytes per token
 # and per unit of (hidden, intermediate) size: the recomputed layer, its backward pass and the loss head's
 # hidden states. Fitted to torch.cuda.max_memory_allocated on an H100 for Llama-2-7B and Llama-3-8B at
-# 1k-8k tokens per batch (scripts/benchmarks/results/2026-11-22-h100-plan-accuracy.md).
+# 1k-8k tokens per batch (scripts/benchmarks/results/2026-11-22-h100-plan-accuracy-run1.md, checked in run2).
 GPU_WORKING_SET_PER_TOKEN = (41.8, 6.1)
 LOSS_TILE_TOKENS, LOSS_TILE_VOCAB = 4096, 32768  # TRL's fused LM head tiles (trl/kernels/chunked_logprob.py)
 CUBLAS_WORKSPACE = 32 * 2**20

@@ -76,9 +76,12 @@ def test_liger_is_skipped_without_cuda(tiny_config, caplog, tmp_path):
 def test_liger_missing_on_cuda_is_a_clear_error(tiny_config, monkeypatch):
     import importlib.util
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    performance = tiny_config().performance
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
     with pytest.raises(QLoRAError, match="pip install liger-kernel.*performance.liger_kernel=false"):
-        check_performance_support(tiny_config().performance, torch.device("cuda"))
+        check_performance_support(performance, torch.device("cuda"))
 
 
 def test_switches_reach_the_trainer_arguments(tiny_config, tmp_path):

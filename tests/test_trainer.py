@@ -44,7 +44,7 @@ def test_first_step_logs_memory_next_to_the_plan(tiny_config, caplog):
     config = tiny_config("training.max_steps=2", "eval.exact_match_samples=0")
     with caplog.at_level(logging.INFO):
         run_training(config)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory after first step")]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory after first step:")]
     planned = plan_memory(config).training_peak / GiB
     assert len(lines) == 1 and f"(planned {planned:.2f} GiB" in lines[0]
 
