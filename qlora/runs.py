@@ -46,9 +46,13 @@ def load_adapted_model(
 ) -> tuple[PeftModel, PreTrainedTokenizerBase, Optional[TrainConfig]]:
     """The base model quantized as in training (nf4 defaults without a run) with the adapter on top,
     the tokenizer training saved with the adapter, and the run's config if there is a run."""
+    from qlora.stages.artifacts import adapter_tensor_names
     from qlora.stages.model import load_quantized_model
 
     adapter_dir, base_model = find_adapter(run, adapter, base)
+    if not adapter_tensor_names(Path(adapter_dir)):  # peft would only warn, and answer as the untrained base
+        raise QLoRAError(f"the adapter in {adapter_dir} holds no LoRA weights (adapter_model.safetensors is missing "
+                         f"or empty): train it again, or point to another adapter.")
     run_config = load_run_config(run) if run else None
     quantization = run_config.quantization if run_config else QuantizationConfig()
     device = PartialState().device  # this process's GPU, or the CPU, as in training

@@ -67,3 +67,15 @@ def test_bad_generate_options(trained_run, kwargs, message):
     _, run_dir = trained_run
     with pytest.raises(QLoRAError, match=message):
         generate(GenerateConfig(run=str(run_dir), **kwargs))
+
+
+def test_an_adapter_without_lora_weights_is_refused(trained_run, tmp_path):
+    """peft only warns about missing adapter keys and answers as the base model; qlora refuses instead."""
+    from qlora.runs import load_adapted_model
+
+    _, run_dir = trained_run
+    empty = tmp_path / "adapter"
+    shutil.copytree(run_dir / "adapter", empty)
+    (empty / "adapter_model.safetensors").unlink()
+    with pytest.raises(QLoRAError, match="holds no LoRA weights"):
+        load_adapted_model(None, str(empty), None)

@@ -111,7 +111,7 @@ def save_adapter(
     final, partial = run_dir / "adapter", run_dir / "adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, state_dict=state_dict)
-    if not _adapter_tensor_names(partial):
+    if not adapter_tensor_names(partial):
         # e.g. a state dict gathered without the adapter's weights: an empty adapter would load silently as
         # the untrained base model, so refuse it and keep whatever adapter/ already holds
         raise QLoRAError(
@@ -126,7 +126,7 @@ def save_adapter(
     return final
 
 
-def _adapter_tensor_names(folder: Path) -> list[str]:
+def adapter_tensor_names(folder: Path) -> list[str]:
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         return []
