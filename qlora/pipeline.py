@@ -145,7 +145,8 @@ def run_training(config: TrainConfig) -> RunSummary:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         log.info("training loss %.4f -> %.4f; adapter saved to %s", summary.train_loss_first or float("nan"),
                  summary.train_loss_last or float("nan"), adapter_dir)
-        log.info("report: %s", write_report(run_dir))
+        write_report(run_dir)
+        log.info("report: %s", run_dir / "report.md")  # the same form as the adapter's path above
     return summary
 
 
