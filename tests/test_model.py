@@ -57,6 +57,35 @@ def test_only_lora_parameters_train(tiny_config):
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 4
 
 
+def _lora_gradients(config, inference_first: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    model = attach_lora(prepare_for_kbit_training(model, gradient_checkpointing=False), config.lora)
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    if inference_first:  # what the held-out check before training does
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_inference_before_training_leaves_the_gradients_unchanged(tiny_config):
+    # bitsandbytes repacks 4-bit weights for CPU inference (with AVX512-BF16) at the first eval-mode forward
+    # pass; its inference matmul has no backward, so the gradients of earlier layers' adapters went wrong
+    config = tiny_config()
+    after_inference = _lora_gradients(config, inference_first=True)
+    plain = _lora_gradients(config, inference_first=False)
+    assert after_inference.keys() == plain.keys()
+    for name, grad in plain.items():
+        assert torch.allclose(after_inference[name], grad), name
+    # on any CPU: training switches the repacking off
+    model = prepare_for_kbit_training(load_quantized_model(config.model, config.quantization, CPU), False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
 def test_missing_hub_model_is_a_clear_error(tiny_config):
     config = tiny_config("model.name_or_path=no-such-org/no-such-model")
     with pytest.raises(Exception, match="model.name_or_path=no-such-org/no-such-model"):

@@ -207,6 +207,7 @@ def prepare_for_kbit_training(
             f"checkpointing. Set training.gradient_checkpointing=false (and lower training.batch_size or "
             f"data.max_length if memory runs short)."
         )
+    keep_4bit_layout_trainable(model)
     if sharded:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -226,6 +227,19 @@ def prepare_for_kbit_training(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the float32 copies' blocks
     return model
+
+
+def keep_4bit_layout_trainable(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during training.
+
+    On a CPU with AVX512-BF16, the first forward pass of a Linear4bit in eval mode without gradients (the
+    held-out check, evaluation) repacks its weight into an inference layout, and from then on every matmul,
+    training ones included, goes through an op without a backward: gradients stop flowing through the base
+    weights, silently. Training must keep the layout its autograd function expects.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def frozen_weights_dtype(performance: PerformanceConfig, quantization: QuantizationConfig) -> torch.dtype:
