@@ -1,6 +1,12 @@
 """The memory planner: parameter counts and footprint against the real loaded model, every recipe on the
 CPU, the command line, and the largest batch that fits."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,3 +89,45 @@ def test_plan_command_refuses_a_bad_memory_size(tmp_path):
     result = run_cli("--gpu-memory=lots", cwd=tmp_path, command="qlora.plan")
     assert result.returncode == 2 and "plan.gpu_memory=lots is not a memory size" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# bitsandbytes quantizes on the CPU through float32 and int64 temporaries of the tensor at hand (abs, bucketize,
+# clamp, mul): about 16 bytes per element, measured here; on a GPU its kernel needs none.
+CPU_QUANTIZE_BYTES_PER_ELEMENT = 20
+
+
+def save_random_llama(folder, layers: int) -> int:
+    """A random bf16 Llama of `layers` layers in 16 MB shards, with the tiny tokenizer; returns its weights' bytes."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qlora.config import ASSETS_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny-llama")
+    config = LlamaConfig(vocab_size=4096, hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+                         num_attention_heads=12, num_key_value_heads=12, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="16MB")
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_loading_holds_the_quantized_model_and_one_shard_not_the_full_model(tmp_path):
+
+    # glibc otherwise serves large blocks from its heap once one was freed, and keeps them after they are freed
+    # again: resident memory would then count blocks nothing holds (as max_memory_allocated on a GPU does not)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    measured = {}
+    for layers in (4, 12):
+        full_precision = save_random_llama(tmp_path / str(layers), layers)
+        done = subprocess.run([sys.executable, str(Path(__file__).parent / "load_peak.py"), str(tmp_path / str(layers))],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        measured[layers] = {**json.loads(done.stdout.splitlines()[-1]), "full_precision": full_precision}
+    for m in measured.values():
+        bound = m["footprint"] + m["largest_shard"] + CPU_QUANTIZE_BYTES_PER_ELEMENT * m["largest_quantized"]
+        assert m["peak"] <= bound, m
+    deep, shallow = measured[12], measured[4]
+    assert deep["peak"] < 0.6 * deep["full_precision"]
+    # three times the layers: the quantized model grows, what loading holds beyond it does not
+    assert deep["peak"] - deep["footprint"] < shallow["peak"] - shallow["footprint"] + 8 * 2**20, measured
