@@ -3,10 +3,10 @@
     python scripts/benchmarks/plan_accuracy.py            # GPU: random Llama-2-7B and Llama-3-8B, ~4 minutes
     python scripts/benchmarks/plan_accuracy.py --tiny     # CPU: the shipped tiny model saved in 4 shards
 
-For each architecture the checkpoint is built (scripts/benchmarks/make_random_checkpoint.py); for each
-(batch, sequence length) it is loaded afresh through qlora's stages (load_quantized_model,
-prepare_for_kbit_training, attach_lora) and trained for a few steps with build_trainer on random tokens,
-so that every case is measured as a user's first run; peak statistics are reset after loading. On the GPU memory is
+For each architecture the checkpoint is built (scripts/benchmarks/make_random_checkpoint.py); each
+(batch, sequence length) then runs in a process of its own, as a user's run does: the model is loaded through
+qlora's stages (load_quantized_model, prepare_for_kbit_training, attach_lora) and trained for a few steps with
+build_trainer on random tokens; peak statistics are reset after loading. On the GPU memory is
 torch.cuda.max_memory_allocated; with --tiny it is the growth of the process's anonymous resident memory
 (RssAnon; sampled every millisecond), which also holds Python's own allocations, so only the load bound
 is checked there. Writes $OUT/plan_accuracy.md (a table) and $OUT/plan_accuracy.json.
@@ -15,7 +15,6 @@ is checked there. Writes $OUT/plan_accuracy.md (a table) and $OUT/plan_accuracy.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -37,7 +36,7 @@ from qlora.stages.model import frozen_weights_dtype, load_quantized_model, load_
 from qlora.stages.trainer import build_trainer
 
 GPU_CASES = {"llama2-7b": [(1, 1024), (4, 1024), (1, 2048), (4, 2048)],
-             "llama3-8b": [(1, 2048), (4, 1024), (4, 2048), (1, 1024)]}
+             "llama3-8b": [(1, 1024), (4, 1024), (1, 2048), (4, 2048)]}
 TINY_CASES = {"tiny": [(4, 64), (16, 128)]}
 STEPS = 3
 
@@ -94,49 +93,57 @@ def build_checkpoint(name: str, folder: Path) -> None:
 
 
 def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, overrides: list[str]) -> list[dict]:
+    """Build the checkpoint once, then measure each case in a process of its own, as a user's run is."""
     folder = scratch / name
     build_checkpoint(name, folder)
-    cuda = torch.cuda.is_available() and not tiny
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    recipe = ["+recipe=tiny"] if tiny else ["+recipe=llama7b"]
-    base = [*recipe, f"model.name_or_path={folder}", "model.dtype=bfloat16", "eval.exact_match_samples=0",
-            f"training.max_steps={STEPS}", "training.save_steps=0", "training.logging_steps=1",
-            "training.warmup_ratio=0", *overrides]
-    memory = PeakMemory(cuda)
     rows = []
     for batch, seq in cases:
-        case = compose_config([*base, f"training.batch_size={batch}", f"data.max_length={seq}",
-                               f"training.output_dir={scratch / f'run-{batch}-{seq}'}"])
-        plan = plan_memory(case)
-        model, tokenizer, load_peak, after_load, footprint = load(case, device, memory)
-        ids = torch.randint(3, 500, (batch * (STEPS + 1), seq), generator=torch.Generator().manual_seed(0))
-        data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
-        run_dir = scratch / f"run-{batch}-{seq}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer = build_trainer(case, model, tokenizer, data, run_dir)
-        memory.reset()
-        start = time.perf_counter()
-        trainer.train()
-        peak = memory.max() - (0 if cuda else memory.base)
-        del trainer, model
-        gc.collect()  # peft and the trainer hold the model in reference cycles
-        if cuda:
-            torch.cuda.empty_cache()
-        rows.append({
-            "architecture": name, "overrides": " ".join(overrides), "batch_size": batch, "seq_len": seq, "device": str(device),
-            "footprint_planned": plan.footprint, "footprint_get_memory_footprint": footprint,
-            "footprint_allocated": after_load,
-            "load_peak_planned": plan.load_peak, "load_peak_measured": load_peak, "load_bound": plan.load_bound,
-            "training_peak_planned": plan.training_peak, "training_peak_measured": peak,
-            "paged_optimizer_planned": plan.paged_optimizer, "train_seconds": round(time.perf_counter() - start, 1),
-            "plan": {k: v for k, v in asdict(plan).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-        })
+        result = scratch / f"case-{name}-{batch}-{seq}.json"
+        command = [sys.executable, __file__, "--case", f"{name},{batch},{seq}", "--checkpoint", str(folder),
+                   "--result-file", str(result), *(["--tiny"] if tiny else []), *[f"--override={o}" for o in overrides]]
+        done = subprocess.run(command)
+        if not result.exists():
+            raise SystemExit(f"case {name} {batch} x {seq} failed (exit {done.returncode})")
+        rows.append(json.loads(result.read_text()))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "plan"}), flush=True)
     return rows
 
 
+def measure_case(name: str, batch: int, seq: int, folder: Path, tiny: bool, overrides: list[str]) -> dict:
+    """One case in this process: load, prepare and train a few steps, with the peaks of each part."""
+    cuda = torch.cuda.is_available() and not tiny
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    recipe = ["+recipe=tiny"] if tiny else ["+recipe=llama7b"]
+    run_dir = folder.parent / f"run-{name}-{batch}-{seq}"
+    case = compose_config([*recipe, f"model.name_or_path={folder}", "model.dtype=bfloat16", "eval.exact_match_samples=0",
+                           f"training.max_steps={STEPS}", "training.save_steps=0", "training.logging_steps=1",
+                           "training.warmup_ratio=0", *overrides, f"training.batch_size={batch}",
+                           f"data.max_length={seq}", f"training.output_dir={run_dir}"])
+    plan = plan_memory(case)
+    memory = PeakMemory(cuda)
+    model, tokenizer, load_peak, after_load, footprint = load(case, device, memory)
+    ids = torch.randint(3, 500, (batch * (STEPS + 1), seq), generator=torch.Generator().manual_seed(0))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(case, model, tokenizer, data, run_dir)
+    memory.reset()
+    start = time.perf_counter()
+    trainer.train()
+    peak = memory.max() - (0 if cuda else memory.base)
+    return {
+        "architecture": name, "overrides": " ".join(overrides), "batch_size": batch, "seq_len": seq,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "footprint_planned": plan.footprint, "footprint_get_memory_footprint": footprint,
+        "footprint_allocated": after_load,
+        "load_peak_planned": plan.load_peak, "load_peak_measured": load_peak, "load_bound": plan.load_bound,
+        "training_peak_planned": plan.training_peak, "training_peak_measured": peak,
+        "paged_optimizer_planned": plan.paged_optimizer, "train_seconds": round(time.perf_counter() - start, 1),
+        "plan": {k: v for k, v in asdict(plan).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+    }
+
+
 def load(config, device: torch.device, memory: "PeakMemory"):
-    """Load and prepare the model afresh for each case: each is measured as a user's first run."""
+    """Load and prepare the model, measuring the load peak and what stays allocated."""
     memory.reset()
     before = memory.current()
     model = load_quantized_model(config.model, config.quantization, device)
@@ -176,8 +183,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the shipped tiny model on the CPU (a correctness check)")
     parser.add_argument("--override", action="append", default=[], help="a qlora override for every case")
     parser.add_argument("--models", default=None, help="comma-separated subset of the architectures")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # ARCH,BATCH,SEQ: one case, in this process
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.case:
+        name, batch, seq = args.case.split(",")
+        row = measure_case(name, int(batch), int(seq), Path(args.checkpoint), args.tiny, args.override)
+        Path(args.result_file).write_text(json.dumps(row))
+        return
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
