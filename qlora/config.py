@@ -165,6 +165,9 @@ class PerformanceConfig:
     # peft's k-bit preparation upcasts every non-quantized weight (embeddings, norms, lm_head) to float32;
     # false casts the frozen ones back to quantization.compute_dtype: half their memory, no per-step casts
     frozen_weights_float32: bool = False
+    # each LoRA layer over a 4-bit base as one autograd function (qlora/stages/fused_lora.py): the scaled LoRA
+    # product added by the matmul itself, no copy of the base output, dropout saving only its mask
+    fused_lora: bool = True
     # keep the activations saved for backward in CPU memory (TRL's activation offloading): much longer
     # sequences fit, at some speed cost
     activation_offloading: bool = False

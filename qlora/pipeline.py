@@ -90,7 +90,8 @@ def run_training(config: TrainConfig) -> RunSummary:
                                           frozen_weights_dtype(config.performance, config.quantization),
                                           sharded=uses_fsdp())
     with stage("LoRA adapters", seconds):
-        model = attach_lora(model, config.lora)
+        # FSDP flattens the 4-bit weights the fused function reads; there peft's layers run (not measured fused)
+        model = attach_lora(model, config.lora, fused=config.performance.fused_lora and not uses_fsdp())
         trainable, total = model.get_nb_trainable_parameters()
         log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     on_main_process(state, lambda: check_free_space(run_dir, trainable, config.training.save_total_limit))

@@ -43,6 +43,9 @@ GiB = 2**30
 # torch.autograd.graph.saved_tensors_hooks on the real stages (nf4, LoRA, SDPA), by compute dtype.
 SAVED_PER_TOKEN = {2: (27.8, 14.9, 4.5), 4: (30.3, 17.5, 9.0)}  # compute bytes -> (hidden, intermediate, kv)
 DROPOUT_PER_INPUT = {2: 1.9, 4: 5.15}  # LoRA dropout's mask and output, per element of each adapted layer's input
+# performance.fused_lora: the fused LoRA function keeps the layer's input (as LoRA without dropout does) and only
+# a 1-byte mask per adapted layer
+FUSED_DROPOUT_PER_INPUT = 1.0
 # The GPU default (bf16 compute, frozen weights and residual stream in bf16, Liger's kernels, LoRA dropout on
 # all linear layers): beyond the per-layer checkpoints, the training peak grows by this many bytes per token
 # and per unit of (hidden, intermediate) size: the recomputed layer, its backward pass and the loss head's
@@ -139,7 +142,8 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     # one decoder layer's saved tensors; dropout adds its mask and output for every adapter's input
     layer = int(tokens * (h_coef * hidden + i_coef * intermediate + kv_coef * kv))
     if config.lora.dropout > 0:
-        layer += int(tokens * DROPOUT_PER_INPUT[compute] * (6 * hidden + intermediate))
+        per_input = FUSED_DROPOUT_PER_INPUT if fused_lora(config) else DROPOUT_PER_INPUT[compute]
+        layer += int(tokens * per_input * (6 * hidden + intermediate))
     embedding_and_norm = tokens * hidden * residual * 2  # the embedding output and the final norm's input
     # the backward pass of one layer holds the gradients of its largest activations at once
     backward = tokens * residual * (3 * intermediate + 2 * hidden)
@@ -179,6 +183,11 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         # a 4-bit weight is dequantized for each matmul (forward, and again in backward); cuBLAS's workspace
         workspace=(2 * params.largest_quantized * compute if method != "none" else 0) + CUBLAS_WORKSPACE,
     )
+
+
+def fused_lora(config: TrainConfig) -> bool:
+    """Whether the LoRA layers run through qlora's fused function: over 4-bit weights, when switched on."""
+    return config.performance.fused_lora and config.quantization.method in ("nf4", "fp4")
 
 
 def quantized_bytes(params: ParameterCounts, method: str, double_quant: bool) -> tuple[int, int]:

@@ -232,7 +232,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
     model = prepare_for_kbit_training(model, config.training.gradient_checkpointing,
                                       frozen_weights_dtype(config.performance, config.quantization))
     set_seed(0)  # the same LoRA initialisation as the plain recipe
-    model = attach_lora(model, config.lora)
+    model = attach_lora(model, config.lora, fused=config.performance.fused_lora)
     return (lambda dataset: build_qlora_trainer(config, model, tokenizer, dataset, run_dir)), model
 
 

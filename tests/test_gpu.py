@@ -51,3 +51,32 @@ def test_generate_evaluate_and_merge_on_the_gpu(trained_run, tmp_path):
     assert report["exact_match"] >= 0.9
     result = merge(MergeConfig(run=str(run_dir), from_dequantized=True, output_dir=str(tmp_path / "merged")))
     assert 0.0 < result.dequantization_error < 0.2
+
+
+def test_fused_lora_computes_peft_function_on_cuda(tiny_config):
+    """bf16 under autocast on CUDA, with dropout and gradient checkpointing: bitsandbytes' CUDA kernels and
+    cuBLAS in the fused function give peft's loss and gradients up to bf16 rounding."""
+    from qlora.stages.adapters import attach_lora
+    from qlora.stages.model import frozen_weights_dtype, prepare_for_kbit_training
+
+    config = tiny_config(*GPU_SETTINGS, "lora.dropout=0.1")
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    results = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = load_quantized_model(config.model, config.quantization, torch.device("cuda", 0))
+        dtype = frozen_weights_dtype(config.performance, config.quantization)
+        model = attach_lora(prepare_for_kbit_training(model, True, dtype), config.lora, fused=fused)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+        model.train()
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[fused] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    (loss, grads), (reference_loss, reference) = results[True], results[False]
+    assert loss == pytest.approx(reference_loss, rel=1e-2)
+    for name, grad in reference.items():
+        assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name

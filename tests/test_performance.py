@@ -3,6 +3,7 @@
 import logging
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,78 @@ def test_liger_missing_on_cuda_is_a_clear_error(tiny_config, monkeypatch):
                         lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
     with pytest.raises(QLoRAError, match="pip install liger-kernel.*performance.liger_kernel=false"):
         check_performance_support(performance, torch.device("cuda"))
+
+
+def _lora_model(config, fused: bool):
+    torch.manual_seed(0)
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    dtype = frozen_weights_dtype(config.performance, config.quantization)
+    model = attach_lora(prepare_for_kbit_training(model, True, dtype), config.lora, fused=fused)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would hide every LoRA term but A's gradient
+            param.data.normal_(0, 0.05)
+    return model
+
+
+def _loss_and_gradients(model, autocast: bool = False):
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    model.train()
+    torch.manual_seed(1)  # the same dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_computes_peft_function(tiny_config, dropout):
+    """Forward, recomputation (gradient checkpointing) and backward: the same loss and gradients as peft's layers,
+    the same dropout masks included."""
+    config = tiny_config(f"lora.dropout={dropout}")
+    fused_model = _lora_model(config, fused=True)
+    assert sum(isinstance(m.__dict__.get("forward"), types.MethodType) for m in fused_model.modules()) == 28
+    loss, grads = _loss_and_gradients(fused_model)
+    reference_loss, reference = _loss_and_gradients(_lora_model(config, fused=False))
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in reference.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_fused_lora_in_bf16_under_autocast(tiny_config):
+    config = tiny_config("quantization.compute_dtype=bfloat16", "lora.dropout=0.1")
+    loss, grads = _loss_and_gradients(_lora_model(config, fused=True), autocast=True)
+    reference_loss, reference = _loss_and_gradients(_lora_model(config, fused=False), autocast=True)
+    assert loss == pytest.approx(reference_loss, rel=1e-2)
+    for name, grad in reference.items():  # bf16 rounding: the fused add rounds once where peft rounds thrice
+        assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name
+
+
+def test_fused_lora_falls_back_to_peft_where_it_does_not_apply(tiny_config):
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    fused_model, plain = _lora_model(tiny_config(), fused=True), _lora_model(tiny_config(), fused=False)
+    with torch.no_grad():
+        with fused_model.disable_adapter(), plain.disable_adapter():  # the base model alone
+            assert torch.allclose(fused_model(input_ids=ids).logits, plain(input_ids=ids).logits)
+        assert torch.allclose(fused_model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+    config = tiny_config("lora.use_dora=true")  # DoRA's magnitude is peft's to compute
+    dora_loss, dora_grads = _loss_and_gradients(_lora_model(config, fused=True))
+    reference_loss, reference = _loss_and_gradients(_lora_model(config, fused=False))
+    assert dora_loss == reference_loss and all(torch.equal(dora_grads[n], g) for n, g in reference.items())
+
+
+def test_fused_lora_switch_reaches_the_pipeline(tiny_config, caplog):
+    from qlora.pipeline import run_training
+
+    assert tiny_config().performance.fused_lora and not tiny_config("performance=off").performance.fused_lora
+    first_losses = {}
+    for switch in ("true", "false"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            summary = run_training(tiny_config(f"performance.fused_lora={switch}", "training.max_steps=2",
+                                               "eval.exact_match_samples=0", "training.overwrite_output_dir=true"))
+        assert ("28 LoRA layers over 4-bit weights fused" in caplog.text) == (switch == "true")
+        first_losses[switch] = summary.train_loss_first
+    assert first_losses["true"] == pytest.approx(first_losses["false"], rel=1e-6)
 
 
 def test_switches_reach_the_trainer_arguments(tiny_config, tmp_path):

@@ -131,3 +131,38 @@ def test_loading_holds_the_quantized_model_and_one_shard_not_the_full_model(tmp_
     assert deep["peak"] < 0.6 * deep["full_precision"]
     # three times the layers: the quantized model grows, what loading holds beyond it does not
     assert deep["peak"] - deep["footprint"] < shallow["peak"] - shallow["footprint"] + 8 * 2**20, measured
+
+
+def _saved_bytes(tiny_config, *overrides: str) -> tuple[int, int]:
+    """Bytes autograd keeps for one training forward pass of the tiny model (each storage once), and the number
+    of adapted layers' input elements (the unit of the planner's dropout term)."""
+    from qlora.stages.adapters import attach_lora
+    from qlora.stages.model import frozen_weights_dtype, prepare_for_kbit_training
+
+    config = tiny_config(*overrides)
+    model = load_quantized_model(config.model, config.quantization, torch.device("cpu"))
+    dtype = frozen_weights_dtype(config.performance, config.quantization)
+    model = attach_lora(prepare_for_kbit_training(model, False, dtype), config.lora, fused=config.performance.fused_lora)
+    model.train()
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+    storages = {}
+
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    arch = model.config
+    return sum(storages.values()), ids.numel() * arch.num_hidden_layers * (6 * arch.hidden_size + arch.intermediate_size)
+
+
+def test_fused_lora_dropout_keeps_only_its_mask(tiny_config):
+    from qlora.plan import FUSED_DROPOUT_PER_INPUT
+
+    without, elements = _saved_bytes(tiny_config, "lora.dropout=0")
+    with_dropout, _ = _saved_bytes(tiny_config, "lora.dropout=0.1")
+    assert with_dropout - without == FUSED_DROPOUT_PER_INPUT * elements
+    peft_without, _ = _saved_bytes(tiny_config, "lora.dropout=0", "performance.fused_lora=false")
+    peft_with, _ = _saved_bytes(tiny_config, "lora.dropout=0.1", "performance.fused_lora=false")
+    assert peft_with - peft_without > 3 * (with_dropout - without)  # peft keeps each dropout's output too

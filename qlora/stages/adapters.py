@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import peft
 from transformers import PreTrainedModel
 
 from qlora.config import LoraConfig
+from qlora.stages.fused_lora import fuse_lora_layers
+
+log = logging.getLogger(__name__)
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> peft.PeftModel:
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False) -> peft.PeftModel:
+    """peft's LoRA adapters from the lora group; `fused` (performance.fused_lora) routes the layers over 4-bit
+    weights through qlora's fused LoRA function."""
     peft_config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -20,4 +27,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig) -> peft.PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, peft_config)
+    model = peft.get_peft_model(model, peft_config)
+    if fused:
+        log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fuse_lora_layers(model))
+    return model

@@ -99,7 +99,7 @@ def load_quantized_model(
     # load its packed 4-bit tensors as if they were plain weights.
     quantization_kwargs = {} if saved is not None else {"quantization_config": build_bnb_config(quantization)}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             model.name_or_path,
             revision=model.revision,
             dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
@@ -110,6 +110,8 @@ def load_quantized_model(
         )
     except OSError as error:
         raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: {error}") from error
+    keep_4bit_layout(loaded)
+    return loaded
 
 
 def saved_quantization(model: ModelConfig) -> QuantizationConfig | None:
@@ -207,7 +209,6 @@ def prepare_for_kbit_training(
             f"checkpointing. Set training.gradient_checkpointing=false (and lower training.batch_size or "
             f"data.max_length if memory runs short)."
         )
-    keep_4bit_layout_trainable(model)
     if sharded:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -229,13 +230,13 @@ def prepare_for_kbit_training(
     return model
 
 
-def keep_4bit_layout_trainable(model: PreTrainedModel) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during training.
+def keep_4bit_layout(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
 
     On a CPU with AVX512-BF16, the first forward pass of a Linear4bit in eval mode without gradients (the
-    held-out check, evaluation) repacks its weight into an inference layout, and from then on every matmul,
-    training ones included, goes through an op without a backward: gradients stop flowing through the base
-    weights, silently. Training must keep the layout its autograd function expects.
+    held-out check, evaluation, generation) repacks its weight into an inference layout. From then on every
+    matmul goes through a kernel that computes in bf16 whatever quantization.compute_dtype says, and that has
+    no backward: a later training step's gradients stop at every base weight, silently.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit

@@ -151,7 +151,8 @@ def load(config, device: torch.device, memory: "PeakMemory"):
     footprint = model.get_memory_footprint()
     tokenizer = load_tokenizer(config.model)
     dtype = frozen_weights_dtype(config.performance, config.quantization)
-    model = attach_lora(prepare_for_kbit_training(model, config.training.gradient_checkpointing, dtype), config.lora)
+    model = prepare_for_kbit_training(model, config.training.gradient_checkpointing, dtype)
+    model = attach_lora(model, config.lora, fused=config.performance.fused_lora)
     return model, tokenizer, load_peak, after_load, footprint
 
 

@@ -1,0 +1,117 @@
+"""LoRA over a 4-bit base layer as one autograd function: `performance.fused_lora`.
+
+peft computes base(x) + lora_B(lora_A(dropout(x))) * scaling module by module: the base output is copied
+(a defensive clone), the LoRA product is scaled and added by two more kernels over the whole output, the
+dropout output is saved for the backward pass beside its mask, and every piece is a Python call, in the
+forward pass, in its recomputation under gradient checkpointing and in the backward pass. Here:
+
+    forward   y = x W^T (bitsandbytes' gemm_4bit);  y += scaling * (dropout(x) A^T) B^T   (one addmm)
+    backward  dx = dy W + dropout'((scaling * dy B) A);  dA = (scaling * dy B)^T dropout(x);  dB = scaling * dy^T (dropout(x) A^T)
+
+The same function, fewer kernels and Python calls; dropout keeps only its 1-byte mask (the input is saved once,
+shared by the layers that read it). The base weight is dequantized again in the backward pass, as
+bitsandbytes does, so nothing of its size is kept.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Route every peft LoRA layer over a bitsandbytes 4-bit layer through the fused function; returns how
+    many. A layer falls back to peft's own forward whenever the fused one does not apply (see fusable)."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLinear4bit)]
+    for layer in layers:
+        layer.forward = types.MethodType(fused_forward, layer)
+    return len(layers)
+
+
+def fused_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if args or kwargs or not fusable(layer):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    adapter = layer.active_adapters[0]
+    base = layer.base_layer
+    quant_state = base.weight.quant_state
+    dtype = base.compute_dtype or x.dtype  # what bitsandbytes computes the base matmul in
+    dropout = layer.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    y = LoRA4bitLinear.apply(flat, layer.lora_A[adapter].weight.to(dtype), layer.lora_B[adapter].weight.to(dtype),
+                             base.weight, quant_state, layer.scaling[adapter], p)
+    if base.bias is not None:
+        y = y + base.bias.to(dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def fusable(layer: nn.Module) -> bool:
+    """Plain LoRA, one active adapter, a frozen base: what the fused function computes. Anything else (DoRA,
+    several or disabled adapters, a merged layer, a trainable bias, a weight bitsandbytes repacked for CPU
+    inference, double quantization with other blocks than gemm_4bit takes) is peft's."""
+    base = layer.base_layer
+    active = layer.active_adapters
+    quant_state = base.weight.quant_state
+    return (
+        not layer.disable_adapters
+        and not layer.merged
+        and len(active) == 1
+        and active[0] in layer.lora_A
+        and active[0] not in layer.lora_variant
+        and (base.bias is None or not base.bias.requires_grad)
+        and quant_state is not None
+        and (not quant_state.nested or quant_state.state2.blocksize == 256)  # what gemm_4bit supports
+        and not getattr(quant_state, "packing_format_for_cpu", False)
+    )
+
+
+class LoRA4bitLinear(torch.autograd.Function):
+    """y = x W^T + scaling * (dropout(x) A^T) B^T for a 4-bit W; x is 2-D and in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float):
+        y = _base_matmul(x, weight, quant_state)
+        x_dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
+        xa = x_dropped @ lora_a.t()
+        y.addmm_(xa, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, mask, xa, lora_a, lora_b)
+        ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        import bitsandbytes.functional as bnb_functional
+
+        x, mask, xa, lora_a, lora_b = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        dxa = dy @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            weight = bnb_functional.dequantize_4bit(ctx.weight, ctx.quant_state).to(dy.dtype)
+            dx = dy @ weight
+            if mask is None:
+                dx.addmm_(dxa, lora_a)
+            else:
+                dx += torch.ops.aten.native_dropout_backward(dxa @ lora_a, mask, ctx.keep_scale)
+        if ctx.needs_input_grad[1]:
+            x_dropped = x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
+            da = dxa.t() @ x_dropped
+        if ctx.needs_input_grad[2]:
+            db = dy.t() @ (xa * ctx.scaling)
+        return dx, da, db, None, None, None, None
+
+
+def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """x W^T through bitsandbytes' own op, with its double-quantized statistics, as its Linear4bit does."""
+    packed = weight.view(-1, 1)
+    if not quant_state.nested:
+        return torch.ops.bitsandbytes.gemm_4bit.default(x, packed, quant_state.shape, quant_state.absmax,
+                                                        quant_state.blocksize, quant_state.quant_type)
+    return torch.ops.bitsandbytes.gemm_4bit.default(
+        x, packed, quant_state.shape, quant_state.state2.absmax, quant_state.blocksize, quant_state.quant_type,
+        absmax_8bit=quant_state.absmax, absmax_code=quant_state.state2.code, absmax_offset=quant_state.offset,
+    )
