@@ -20,8 +20,10 @@ of the recipe (its performance switches included) is what gets measured; `--over
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -164,6 +166,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "seq": args.seq,
         "tokens_per_s": tokens_per_s,
         "median_step_s": median,
+        "step_seconds": timer.seconds,
         "peak_gib": _peak_gib(device),
         "load_s": load_seconds,
         "load_peak_gib": load_peak,
@@ -316,6 +319,12 @@ def profile_one_step(trainer, path: Path) -> None:
         trainer.train()
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     path.write_text(profiler.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    # the timeline (chrome://tracing, perfetto): where the GPU waits for the CPU
+    trace = path.with_suffix(".trace.json")
+    profiler.export_chrome_trace(str(trace))
+    with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
 
 
 # dense bf16 TFLOP/s from the vendors' datasheets (SXM parts)
