@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the shipped tiny model on the CPU (a correctness check)")
     parser.add_argument("--override", action="append", default=[], help="a qlora override for every case")
     parser.add_argument("--models", default=None, help="comma-separated subset of the architectures")
+    parser.add_argument("--cases", default=None,
+                        help="other cases than the table's, e.g. llama2-7b:2x1536,llama3-8b:3x1024 (batch x sequence)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # ARCH,BATCH,SEQ: one case, in this process
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -197,8 +199,14 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    table = TINY_CASES if args.tiny else GPU_CASES
+    if args.cases:
+        table = {}
+        for case in args.cases.split(","):
+            name, shape = case.split(":")
+            table.setdefault(name, []).append(tuple(int(n) for n in shape.split("x")))
     with tempfile.TemporaryDirectory() as scratch:
-        for name, cases in (TINY_CASES if args.tiny else GPU_CASES).items():
+        for name, cases in table.items():
             if args.models is None or name in args.models.split(","):
                 rows += measure(name, cases, Path(scratch), args.tiny, args.override)
     (out / "plan_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
