@@ -6,6 +6,8 @@ FAULT is one of
   sigterm-twice    SIGTERM twice at the start of step STEP
   sigterm-rank-1   SIGTERM at the start of step STEP, in the process of rank 1 only (under accelerate launch)
 Run as a subprocess by the tests, exactly like `python -m qlora.train`, so a hard kill kills only it.
+With QLORA_TEST_TOKENIZED_LOG=PATH set, every process also appends its rank to PATH for each example it tokenizes
+itself (an example read back from the datasets cache is not tokenized again, so it is not counted).
 """
 
 import os
@@ -14,6 +16,7 @@ import sys
 
 from transformers import TrainerCallback
 
+import qlora.data.tokenization
 import qlora.pipeline
 import qlora.stages.checkpoints
 from qlora.train import main
@@ -48,8 +51,21 @@ def inject(fault: str, step: int) -> None:
     qlora.pipeline.build_trainer = lambda *args: build_trainer(*args[:6], [*args[6], callback], *args[7:])
 
 
+def count_tokenized_examples(path: str) -> None:
+    tokenize_example = qlora.data.tokenization.tokenize_example
+
+    def counted(example, **kwargs):
+        with open(path, "a") as log:
+            log.write(os.environ.get("RANK", "0") + "\n")
+        return tokenize_example(example, **kwargs)
+
+    qlora.data.tokenization.tokenize_example = counted
+
+
 if __name__ == "__main__":
     fault, step = sys.argv[1], int(sys.argv[2])
     inject(fault, step)
+    if os.environ.get("QLORA_TEST_TOKENIZED_LOG"):
+        count_tokenized_examples(os.environ["QLORA_TEST_TOKENIZED_LOG"])
     sys.argv[1:] = sys.argv[3:]
     main()

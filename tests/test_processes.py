@@ -67,7 +67,8 @@ def interrupted_and_resumed(tmp_path_factory) -> tuple[subprocess.CompletedProce
     cwd = tmp_path_factory.mktemp("two")
     run = ("training.batch_size=8", *STEPS)
     interrupted = launch_two_processes(*run, cwd=cwd, fault=("sigterm-rank-1", "2"),
-                                       env={"HF_DATASETS_CACHE": str(cwd / "datasets-cache")})
+                                       env={"HF_DATASETS_CACHE": str(cwd / "datasets-cache"),
+                                            "QLORA_TEST_TOKENIZED_LOG": str(cwd / "tokenized.log")})
     runs = list((cwd / "outputs" / "tiny").iterdir())
     assert len(runs) == 1, (runs, interrupted.stderr[-3000:])  # both processes took the main process's folder
     resumed = launch_two_processes(*run, f"training.output_dir={runs[0]}", "training.resume=auto", cwd=cwd)
@@ -81,6 +82,13 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(interrupted_and_res
     assert "Resume with: accelerate launch [the same options] -m qlora.train" in interrupted.stderr
     assert [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
     assert interrupted.stdout.count("global batch: 16 = batch_size 8 x grad_accum 1 x 2 process(es)") == 1
+
+
+def test_the_main_process_alone_tokenizes_and_the_other_reads_its_result(interrupted_and_resumed):
+    _, _, run_dir = interrupted_and_resumed
+    tokenized_by = (run_dir.parents[2] / "tokenized.log").read_text().split()
+    rows = len((Path(__file__).parents[1] / "qlora/assets/sentiment/train.jsonl").read_text().splitlines())
+    assert tokenized_by == ["0"] * rows  # rank 0 tokenized each row once; rank 1 read the datasets cache
 
 
 def test_two_processes_resume_into_one_run_matching_one_process(interrupted_and_resumed, one_process_run):
