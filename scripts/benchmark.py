@@ -36,7 +36,9 @@ from transformers import TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
 
+from make_random_checkpoint import random_checkpoint  # noqa: E402
 from qlora.config import ASSETS_DIR  # noqa: E402
 
 PLAIN = "plain"
@@ -54,7 +56,7 @@ def main() -> None:
         return
     out = Path(args.out or tempfile.mkdtemp(prefix="qlora-benchmark-"))
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = build_checkpoint(args.model, out)
+    checkpoint = build_checkpoint(args.model)
     if args.max_context:
         rows = [longest_context(recipe, checkpoint, args, out) for recipe in args.recipes]
         report = render_max_context(rows, args)
@@ -89,14 +91,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def build_checkpoint(model: str, out: Path) -> Path:
-    if model == "tiny":
-        return ASSETS_DIR / "tiny-llama"
-    target = Path(tempfile.gettempdir()) / f"qlora-random-{model}"
-    if not (target / "config.json").exists():
-        script = REPO_ROOT / "scripts" / "benchmarks" / "make_random_checkpoint.py"
-        subprocess.run([sys.executable, str(script), model, str(target)], check=True)
-    return target
+def build_checkpoint(model: str) -> Path:
+    return ASSETS_DIR / "tiny-llama" if model == "tiny" else random_checkpoint(model)
 
 
 def spawn_worker(recipe: str, checkpoint: Path, args: argparse.Namespace, out: Path, batch: int, seq: int) -> dict:

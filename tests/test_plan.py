@@ -120,8 +120,8 @@ def test_loading_holds_the_quantized_model_and_one_shard_not_the_full_model(tmp_
     measured = {}
     for layers in (4, 12):
         full_precision = save_random_llama(tmp_path / str(layers), layers)
-        done = subprocess.run([sys.executable, str(Path(__file__).parent / "load_peak.py"), str(tmp_path / str(layers))],
-                              capture_output=True, text=True, timeout=300, env=env)
+        measure = [sys.executable, str(Path(__file__).parent / "load_peak.py"), str(tmp_path / str(layers))]
+        done = subprocess.run(measure, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
         measured[layers] = {**json.loads(done.stdout.splitlines()[-1]), "full_precision": full_precision}
     for m in measured.values():
@@ -142,7 +142,8 @@ def _saved_bytes(tiny_config, *overrides: str) -> tuple[int, int]:
     config = tiny_config(*overrides)
     model = load_quantized_model(config.model, config.quantization, torch.device("cpu"))
     dtype = frozen_weights_dtype(config.performance, config.quantization)
-    model = attach_lora(prepare_for_kbit_training(model, False, dtype), config.lora, fused=config.performance.fused_lora)
+    model = prepare_for_kbit_training(model, False, dtype)
+    model = attach_lora(model, config.lora, fused=config.performance.fused_lora)
     model.train()
     ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     storages = {}
@@ -154,7 +155,8 @@ def _saved_bytes(tiny_config, *overrides: str) -> tuple[int, int]:
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         model(input_ids=ids, labels=ids)
     arch = model.config
-    return sum(storages.values()), ids.numel() * arch.num_hidden_layers * (6 * arch.hidden_size + arch.intermediate_size)
+    adapted_inputs = arch.num_hidden_layers * (6 * arch.hidden_size + arch.intermediate_size)
+    return sum(storages.values()), ids.numel() * adapted_inputs
 
 
 def test_fused_lora_dropout_keeps_only_its_mask(tiny_config):

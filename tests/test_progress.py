@@ -1,12 +1,15 @@
 """The progress display: one bar on a terminal, one plain line per logging step otherwise, main process only."""
 
 import io
+import json
 import logging
+import time
 import warnings
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from qlora.stages.progress import TrainingProgress, quiet_library_noise
+from qlora.stages.progress import TokenRate, TrainingProgress, quiet_library_noise
+from qlora.stages.trainer import MetricsFile
 
 
 class Terminal(io.StringIO):
@@ -14,19 +17,23 @@ class Terminal(io.StringIO):
         return True
 
 
-def drive(progress, main_process=True):
-    """Feed the callback what the trainer would: 4 steps, logging at 2 and 4 (TRL's cumulative num_tokens)."""
+def drive(*callbacks, main_process=True):
+    """Feed the callbacks what the trainer would: 4 steps, logging at 2 and 4 (TRL's cumulative num_tokens)."""
     args, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerControl()
     state = TrainerState(max_steps=4, is_world_process_zero=main_process)
-    progress.on_train_begin(args, state, control)
+    for callback in callbacks:
+        callback.on_train_begin(args, state, control)
     for step in range(1, 5):
         state.global_step = step
-        progress.on_step_end(args, state, control)
-        if step % 2 == 0:
-            logs = {"loss": 3.0 / step, "learning_rate": 1e-3 / step, "num_tokens": 500.0 * step}
-            progress.on_log(args, state, control, logs=logs)
-    progress.on_log(args, state, control, logs={"eval_loss": 0.5})
-    progress.on_train_end(args, state, control)
+        time.sleep(0.01)
+        for callback in callbacks:
+            callback.on_step_end(args, state, control)
+            if step % 2 == 0:
+                logs = {"loss": 3.0 / step, "learning_rate": 1e-3 / step, "num_tokens": 500.0 * step}
+                callback.on_log(args, state, control, logs=logs)
+    for callback in callbacks:
+        callback.on_log(args, state, control, logs={"eval_loss": 0.5})
+        callback.on_train_end(args, state, control)
 
 
 def test_a_terminal_gets_one_bar_with_loss_lr_tokens_per_second_and_eta():
@@ -54,6 +61,17 @@ def test_other_processes_show_nothing(caplog):
     with caplog.at_level(logging.INFO, logger="qlora"):
         drive(TrainingProgress(terminal), main_process=False)
     assert terminal.getvalue() == "" and not caplog.records
+
+
+def test_the_progress_line_and_metrics_jsonl_show_one_measured_rate(tmp_path, caplog):
+    rate = TokenRate()
+    with caplog.at_level(logging.INFO, logger="qlora"):
+        drive(MetricsFile(tmp_path / "metrics.jsonl", rate=rate), TrainingProgress(io.StringIO(), rate=rate))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert rows[0]["tokens_per_s"] is None  # no interval before the first logging step
+    shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 4/4")][0]
+    assert 1000 / 0.02 >= rows[1]["tokens_per_s"] > 0  # 1,000 tokens in at least 2 x 10 ms
+    assert f"tok/s {rows[1]['tokens_per_s']:,.0f} " in shown
 
 
 def test_library_deprecation_noise_is_quiet_and_real_warnings_stay():

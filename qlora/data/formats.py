@@ -82,24 +82,23 @@ def alpaca_prompt(row: dict[str, Any]) -> str:
 
 
 def _require_text(row: dict[str, Any], name: str) -> None:
-    value = row.get(name)
-    if value is None:
-        raise ValueError(f"missing field {name!r}")
-    if not isinstance(value, str):
-        raise ValueError(f"field {name!r} must be text, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"field {name!r} is empty")
+    _require(row, name, str, "text", "is empty", lambda value: bool(value.strip()))
 
 
 def _require_turns(row: dict[str, Any], name: str) -> list:
-    turns = row.get(name)
-    if turns is None:
+    return _require(row, name, list, "a list of turns", "is an empty conversation", bool)
+
+
+def _require(row: dict[str, Any], name: str, kind: type, described: str, empty: str, filled) -> Any:
+    """row[name], refused with the reason when it is missing, of another type, or empty."""
+    value = row.get(name)
+    if value is None:
         raise ValueError(f"missing field {name!r}")
-    if not isinstance(turns, list):
-        raise ValueError(f"field {name!r} must be a list of turns, got {type(turns).__name__}")
-    if not turns:
-        raise ValueError(f"field {name!r} is an empty conversation")
-    return turns
+    if not isinstance(value, kind):
+        raise ValueError(f"field {name!r} must be {described}, got {type(value).__name__}")
+    if not filled(value):
+        raise ValueError(f"field {name!r} {empty}")
+    return value
 
 
 def _sharegpt_message(turn: Any, index: int) -> dict[str, str]:

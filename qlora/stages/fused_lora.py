@@ -6,7 +6,8 @@ dropout output is saved for the backward pass beside its mask, and every piece i
 forward pass, in its recomputation under gradient checkpointing and in the backward pass. Here:
 
     forward   y = x W^T (bitsandbytes' gemm_4bit);  y += scaling * (dropout(x) A^T) B^T   (one addmm)
-    backward  dx = dy W + dropout'((scaling * dy B) A);  dA = (scaling * dy B)^T dropout(x);  dB = scaling * dy^T (dropout(x) A^T)
+    backward  dx = dy W + dropout'((scaling * dy B) A)
+              dA = (scaling * dy B)^T dropout(x);  dB = scaling * dy^T (dropout(x) A^T)
 
 The same function, fewer kernels and Python calls; dropout keeps only its 1-byte mask (the input is saved once,
 shared by the layers that read it). The base weight is dequantized again in the backward pass, as

@@ -17,27 +17,50 @@ from transformers import TrainerCallback
 log = logging.getLogger("qlora")
 
 
+class TokenRate:
+    """Tokens per second between logging steps, from TRL's cumulative `num_tokens` (all processes).
+
+    One instance serves every callback that shows the rate (the bar, metrics.jsonl): the first to ask at a
+    step measures it, the others get the same number. The first logging step of a run (or of a resumed run)
+    has no interval behind it, so no rate.
+    """
+
+    def __init__(self) -> None:
+        self._time, self._tokens, self._step, self._rate = time.perf_counter(), None, None, None
+
+    def start(self) -> None:
+        self._time, self._tokens, self._step, self._rate = time.perf_counter(), None, None, None
+
+    def at(self, step: int, tokens: Optional[float]) -> Optional[float]:
+        if step != self._step:
+            now = time.perf_counter()
+            measured = tokens is not None and self._tokens is not None and now > self._time
+            self._rate = (tokens - self._tokens) / (now - self._time) if measured else None
+            self._time, self._tokens, self._step = now, tokens, step
+        return self._rate
+
+
 class TrainingProgress(TrainerCallback):
     """One bar with loss, lr, tokens/s and ETA (transformers' own bar and log printer are removed).
 
     Only the main process draws. When the output is not a terminal (a scheduler's log file), a bar's
     carriage returns would be noise, so each logging step is logged as one plain line instead (also
     into train.log).
-    tokens/s counts the non-padding tokens TRL adds up in `num_tokens`, over all processes.
     """
 
-    def __init__(self, stream: Optional[TextIO] = None):
+    def __init__(self, stream: Optional[TextIO] = None, rate: Optional[TokenRate] = None):
         self.stream = stream or sys.stderr
+        self.rate = rate or TokenRate()
         self.bar: Optional[tqdm] = None
         self._start = time.perf_counter()
-        self._last_time, self._last_tokens, self._last_step = self._start, None, 0
         self._start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        self._start = self._last_time = time.perf_counter()
-        self._start_step = self._last_step = state.global_step  # a resumed run starts part-way
+        self._start = time.perf_counter()
+        self.rate.start()
+        self._start_step = state.global_step  # a resumed run starts part-way
         if self.stream.isatty():
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
                             dynamic_ncols=True, file=self.stream)
@@ -53,11 +76,7 @@ class TrainingProgress(TrainerCallback):
             self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
         if "loss" not in logs:
             return
-        now, tokens = time.perf_counter(), logs.get("num_tokens")
-        tokens_per_s = None
-        if tokens is not None and self._last_tokens is not None and now > self._last_time:
-            tokens_per_s = (tokens - self._last_tokens) / (now - self._last_time)
-        self._last_time, self._last_tokens = now, tokens
+        now, tokens_per_s = time.perf_counter(), self.rate.at(state.global_step, logs.get("num_tokens"))
         shown = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0.0):.2e}"}
         if tokens_per_s is not None:
             shown["tok/s"] = f"{tokens_per_s:,.0f}"

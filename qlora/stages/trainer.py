@@ -8,9 +8,8 @@ import logging
 import os
 import resource
 import sys
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import datasets
 import torch
@@ -21,7 +20,7 @@ from qlora.config import PerformanceConfig, TrainConfig, report_destinations
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
 from qlora.stages.memory import planned_batch_size
-from qlora.stages.progress import TrainingProgress
+from qlora.stages.progress import TokenRate, TrainingProgress
 
 log = logging.getLogger("qlora")
 
@@ -110,18 +109,19 @@ def build_trainer(
     resuming: bool = False,
 ) -> AtomicCheckpointTrainer:
     direct_loggers_to(run_dir, report_destinations(config.training))
+    rate = TokenRate()  # one measurement per logging step, for metrics.jsonl and the progress line alike
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=build_sft_config(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming), *callbacks],
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming, rate=rate), *callbacks],
         qlora_config=config,
     )
     trainer.remove_callback(ProgressCallback)  # one bar, ours, with loss, lr, tokens/s and ETA
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(TrainingProgress())
+    trainer.add_callback(TrainingProgress(rate=rate))
     # TRL casts the adapters of a quantized model to bf16 (the QLoRA paper's choice for bf16 compute).
     # With float32 compute (the CPU) keep them in float32: bf16 weights would drop small updates and
     # compute the adapters less precisely than the reloaded adapter does.
@@ -160,18 +160,18 @@ def direct_loggers_to(run_dir: Path, destinations: Sequence[str] = ()) -> None:
 
 
 class MetricsFile(TrainerCallback):
-    """Append each logged step to metrics.jsonl: loss, lr, grad norm, tokens/s and peak memory."""
+    """Append each logged step to metrics.jsonl: loss, lr, grad norm, tokens/s (none at a run's first logging
+    step) and peak memory."""
 
-    def __init__(self, path: Path, append: bool = False):
+    def __init__(self, path: Path, append: bool = False, rate: Optional[TokenRate] = None):
         self.path = path
         self.append = append  # a resumed run continues the rows of the steps it keeps
-        self._last_time = time.perf_counter()
-        self._last_tokens = 0.0
+        self.rate = rate or TokenRate()
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and not self.append:
             self.path.write_text("")  # a fresh file, also under training.overwrite_output_dir=true
-        self._last_time = time.perf_counter()
+        self.rate.start()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "eval_loss" in logs:
@@ -179,18 +179,15 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"]}) + "\n")
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        now, tokens = time.perf_counter(), float(logs.get("num_tokens", 0.0))
-        elapsed = now - self._last_time
         record = {
             "step": state.global_step,
             "epoch": logs.get("epoch"),
             "loss": logs["loss"],
             "lr": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
-            "tokens_per_s": (tokens - self._last_tokens) / elapsed if elapsed > 0 else None,
+            "tokens_per_s": self.rate.at(state.global_step, logs.get("num_tokens")),
             "peak_memory_gib": peak_memory_gib(),
         }
-        self._last_time, self._last_tokens = now, tokens
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

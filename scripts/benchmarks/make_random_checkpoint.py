@@ -9,7 +9,11 @@ fit every vocabulary here). Speed and memory do not depend on the weights' value
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -24,6 +28,15 @@ ARCHITECTURES = {
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                       rms_norm_eps=1e-5, rope_theta=500000.0),
 }
+
+
+def random_checkpoint(architecture: str, folder: Path | None = None) -> Path:
+    """The random-init checkpoint of `architecture` in `folder` (default: qlora-random-ARCH in the temp folder),
+    built by this script in a subprocess, so that the GPU memory of building it goes back, unless it is there."""
+    folder = folder or Path(tempfile.gettempdir()) / f"qlora-random-{architecture}"
+    if not (folder / "config.json").exists():
+        subprocess.run([sys.executable, __file__, architecture, str(folder)], check=True)
+    return folder
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from make_random_checkpoint import random_checkpoint
+
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "qlora" / "assets"
 
@@ -51,9 +53,7 @@ def main() -> None:
         fsdp_launch = None  # accelerate's FSDP refuses to run without a GPU
     else:
         model, max_length, recipe = "/tmp/llama2-7b", 2048, "llama7b"
-        if not (Path(model) / "config.json").exists():
-            build = [sys.executable, "scripts/benchmarks/make_random_checkpoint.py", "llama2-7b", model]
-            run(build, env, out / "build")
+        random_checkpoint("llama2-7b", Path(model))
         ddp_launch = ["--config_file", str(REPO / "configs/accelerate/ddp.yaml"), "--num_processes", "2"]
         fsdp_launch = ["--config_file", str(REPO / "configs/accelerate/fsdp_qlora.yaml"), "--num_processes", "2"]
     data = write_random_words(work / "random_words.jsonl", rows=4 * args.batch * args.steps, words=3 * max_length)

@@ -29,6 +29,7 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM
 
+from make_random_checkpoint import random_checkpoint
 from qlora.config import ASSETS_DIR, compose_config
 from qlora.plan import GiB, plan_memory
 from qlora.stages.adapters import attach_lora
@@ -88,8 +89,7 @@ def build_checkpoint(name: str, folder: Path) -> None:
         for file in ("tokenizer.json", "tokenizer_config.json"):
             (folder / file).write_bytes((load_tokenizer_folder / file).read_bytes())
         return
-    script = Path(__file__).resolve().parent / "make_random_checkpoint.py"
-    subprocess.run([sys.executable, str(script), name, str(folder)], check=True)
+    random_checkpoint(name, folder)
 
 
 def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, overrides: list[str]) -> list[dict]:
@@ -115,7 +115,8 @@ def measure_case(name: str, batch: int, seq: int, folder: Path, tiny: bool, over
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     recipe = ["+recipe=tiny"] if tiny else ["+recipe=llama7b"]
     run_dir = folder.parent / f"run-{name}-{batch}-{seq}"
-    case = compose_config([*recipe, f"model.name_or_path={folder}", "model.dtype=bfloat16", "eval.exact_match_samples=0",
+    case = compose_config([*recipe, f"model.name_or_path={folder}", "model.dtype=bfloat16",
+                           "eval.exact_match_samples=0",
                            f"training.max_steps={STEPS}", "training.save_steps=0", "training.logging_steps=1",
                            "training.warmup_ratio=0", *overrides, f"training.batch_size={batch}",
                            f"data.max_length={seq}", f"training.output_dir={run_dir}"])
@@ -176,7 +177,8 @@ def render(rows: list[dict]) -> str:
             f"{'-' if r['load_bound'] is None else r['load_peak_measured'] <= r['load_bound']} | "
             f"{gib(r['training_peak_planned'])} | {gib(r['training_peak_measured'])} | "
             f"{error(r['training_peak_planned'], r['training_peak_measured'])} |")
-    return "\n".join(lines) + "\n\nGiB. Paged optimizer states live outside torch's allocator and are in neither column.\n"
+    note = "GiB. Paged optimizer states live outside torch's allocator and are in neither column."
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def main() -> None:
