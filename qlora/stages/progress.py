@@ -26,7 +26,7 @@ class TokenRate:
     """
 
     def __init__(self) -> None:
-        self._time, self._tokens, self._step, self._rate = time.perf_counter(), None, None, None
+        self.start()
 
     def start(self) -> None:
         self._time, self._tokens, self._step, self._rate = time.perf_counter(), None, None, None
