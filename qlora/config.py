@@ -168,10 +168,16 @@ class PerformanceConfig:
     # each LoRA layer over a 4-bit base as one autograd function (qlora/stages/fused_lora.py): the scaled LoRA
     # product added by the matmul itself, no copy of the base output, dropout saving only its mask
     fused_lora: bool = True
+    # under gradient checkpointing, the fused LoRA layers' recomputed forward keeps each dequantized 4-bit weight
+    # and dropout output for the backward pass that follows at once (qlora/stages/fused_lora.py): no second
+    # dequantization or masking there, for one decoder layer's weights in the compute dtype (~0.4 GB for a 7B)
+    reuse_recomputed_weights: bool = True
     # keep the activations saved for backward in CPU memory (TRL's activation offloading): much longer
     # sequences fit, at some speed cost
     activation_offloading: bool = False
-    # compile the model with torch.compile: fuses the elementwise work around the 4-bit matmuls and LoRA
+    # compile each decoder layer with torch.compile (regional compilation: one compilation serves every layer):
+    # Inductor fuses the norms, RoPE, SwiGLU, dropout and adds around the matmuls and launches them from one call
+    # per layer. Replaces Liger's kernels (liger_kernel=false); generation runs uncompiled.
     torch_compile: bool = False
 
 

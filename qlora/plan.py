@@ -18,6 +18,8 @@ The terms model the code as it trains today:
   input and recomputes one layer at a time in the backward pass.
 - TRL's fused LM head computes the loss in tiles of 4096 tokens x 32768 vocabulary entries, never the
   full logits.
+- performance.reuse_recomputed_weights (fused LoRA under gradient checkpointing): the recomputed layer keeps its
+  dequantized weights and its adapters' dropout outputs until its backward pass.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from qlora.config import ASSETS_DIR, ModelConfig, TrainConfig
 from qlora.errors import QLoRAError
+from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,14 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         h_gpu, i_gpu = GPU_WORKING_SET_PER_TOKEN
         with_checkpointing = checkpoints + int(tokens * (h_gpu * hidden + i_gpu * intermediate))
         head_hidden = 0  # part of the fitted working set
+    dequantized = 2 * params.largest_quantized * compute if method != "none" else 0  # a weight, transiently
+    if keeps_recomputed_tensors(config):
+        # the recomputed layer keeps every dequantized weight until its backward pass, and each adapter's dropout
+        # output (6 hidden + intermediate per token) in place of the 3 inputs it no longer keeps itself (2 hidden
+        # + intermediate; attention keeps o_proj's)
+        dequantized = params.quantized // layers * compute
+        if config.lora.dropout > 0:
+            with_checkpointing += tokens * compute * 4 * hidden
     lora_bytes = 4 if method == "none" or compute == 4 else 2
     optimizer, paged = optimizer_bytes(config.training.optim, params.lora, lora_bytes)
     return MemoryPlan(
@@ -180,14 +191,9 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         # one tile of logits, and (with a float32 head cast under autocast) one tile of the head's weights
         logits_loss=head_hidden + min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB) * compute
         + (0 if calibrated else min(arch.vocab_size, LOSS_TILE_VOCAB) * hidden * compute),
-        # a 4-bit weight is dequantized for each matmul (forward, and again in backward); cuBLAS's workspace
-        workspace=(2 * params.largest_quantized * compute if method != "none" else 0) + CUBLAS_WORKSPACE,
+        # 4-bit weights dequantized for the matmuls; cuBLAS's workspace
+        workspace=dequantized + CUBLAS_WORKSPACE,
     )
-
-
-def fused_lora(config: TrainConfig) -> bool:
-    """Whether the LoRA layers run through qlora's fused function: over 4-bit weights, when switched on."""
-    return config.performance.fused_lora and config.quantization.method in ("nf4", "fp4")
 
 
 def quantized_bytes(params: ParameterCounts, method: str, double_quant: bool) -> tuple[int, int]:

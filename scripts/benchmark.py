@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
 
 from make_random_checkpoint import random_checkpoint  # noqa: E402
+from trace_gaps import load_events, render_gaps, step_gaps  # noqa: E402
 from qlora.config import ASSETS_DIR  # noqa: E402
 
 PLAIN = "plain"
@@ -208,9 +209,11 @@ def qlora_recipe(args: argparse.Namespace, device: str):
 
     from qlora.config import compose_config
     from qlora.stages.adapters import attach_lora
-    from qlora.stages.model import (fit_embeddings_to_tokenizer, frozen_weights_dtype, load_quantized_model,
-                                    load_tokenizer, prepare_for_kbit_training)
+    from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
+    from qlora.stages.model import (compile_decoder_layers, fit_embeddings_to_tokenizer, frozen_weights_dtype,
+                                    load_quantized_model, load_tokenizer, prepare_for_kbit_training)
     from qlora.stages.trainer import build_trainer as build_qlora_trainer
+    from qlora.stages.trainer import check_performance_support
 
     run_dir = Path(tempfile.mkdtemp())
     recipe = args.recipe or ("tiny" if args.model == "tiny" else "llama7b")
@@ -225,13 +228,17 @@ def qlora_recipe(args: argparse.Namespace, device: str):
         f"training.max_grad_norm={SHARED_HYPERPARAMETERS['max_grad_norm']}",
         f"training.optim={'paged_adamw_8bit' if device == 'cuda' else 'adamw_torch'}", *args.override,
     ])
+    check_performance_support(config.performance, torch.device(device))
     tokenizer = load_tokenizer(config.model)
     model = load_quantized_model(config.model, config.quantization, torch.device(device))
     fit_embeddings_to_tokenizer(model, tokenizer)
     model = prepare_for_kbit_training(model, config.training.gradient_checkpointing,
                                       frozen_weights_dtype(config.performance, config.quantization))
     set_seed(0)  # the same LoRA initialisation as the plain recipe
-    model = attach_lora(model, config.lora, fused=config.performance.fused_lora)
+    model = attach_lora(model, config.lora, fused=fused_lora(config),
+                        keep_for_backward=keeps_recomputed_tensors(config))
+    if config.performance.torch_compile:
+        compile_decoder_layers(model)
     return (lambda dataset: build_qlora_trainer(config, model, tokenizer, dataset, run_dir)), model
 
 
@@ -318,6 +325,8 @@ def profile_one_step(trainer, path: Path) -> None:
     # the timeline (chrome://tracing, perfetto): where the GPU waits for the CPU
     trace = path.with_suffix(".trace.json")
     profiler.export_chrome_trace(str(trace))
+    if torch.cuda.is_available():  # where the GPU waited for the host, from the trace
+        path.with_suffix(".gaps.txt").write_text(render_gaps(step_gaps(load_events(trace))))
     with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
         shutil.copyfileobj(raw, packed)
     trace.unlink()

@@ -1,9 +1,11 @@
 """The performance group: each switch does what it says, and the CPU paths compute the same function."""
 
+import gc
 import logging
 import subprocess
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -85,11 +87,13 @@ def test_liger_missing_on_cuda_is_a_clear_error(tiny_config, monkeypatch):
         check_performance_support(performance, torch.device("cuda"))
 
 
-def _lora_model(config, fused: bool):
+def _lora_model(config, fused: bool, keep_for_backward: bool = False):
+    """The tiny model with LoRA, under gradient checkpointing."""
     torch.manual_seed(0)
     model = load_quantized_model(config.model, config.quantization, CPU)
     dtype = frozen_weights_dtype(config.performance, config.quantization)
-    model = attach_lora(prepare_for_kbit_training(model, True, dtype), config.lora, fused=fused)
+    model = attach_lora(prepare_for_kbit_training(model, True, dtype), config.lora, fused=fused,
+                        keep_for_backward=keep_for_backward)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero, which would hide every LoRA term but A's gradient
             param.data.normal_(0, 0.05)
@@ -116,8 +120,58 @@ def test_fused_lora_computes_peft_function(tiny_config, dropout):
     loss, grads = _loss_and_gradients(fused_model)
     reference_loss, reference = _loss_and_gradients(_lora_model(config, fused=False))
     assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in reference.items():  # float32 sums in another order: ~1e-7 apart on gradients of ~0.5
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_reused_recomputed_weights_save_a_dequantization_and_compute_the_same(tiny_config, monkeypatch, dropout):
+    """performance.reuse_recomputed_weights under gradient checkpointing: each 4-bit weight is dequantized twice
+    per step (forward, recomputation) instead of three times; what the checkpointed forward pass dequantized is
+    freed before the backward pass starts; the loss and gradients are those without the switch (peft's)."""
+    from qlora.stages import fused_lora
+
+    dequantizations, dequantized = [], []
+    base_matmul, dequantize = fused_lora._base_matmul, fused_lora._dequantize
+
+    def counted_matmul(*args):
+        dequantizations.append("gemm_4bit")
+        return base_matmul(*args)
+
+    def counted_dequantize(*args):
+        weight = dequantize(*args)
+        dequantizations.append("dequantize")
+        dequantized.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(fused_lora, "_base_matmul", counted_matmul)
+    monkeypatch.setattr(fused_lora, "_dequantize", counted_dequantize)
+    config = tiny_config(f"lora.dropout={dropout}")
+    model = _lora_model(config, fused=True, keep_for_backward=True).train()
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    assert len(dequantized) == 28 and all(ref() is None for ref in dequantized)  # the checkpoint kept none
+    loss.backward()
+    assert dequantizations == ["dequantize"] * 2 * 28
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    dequantizations.clear()
+    reference_loss, reference = _loss_and_gradients(_lora_model(config, fused=True))
+    assert dequantizations.count("gemm_4bit") == 2 * 28 and dequantizations.count("dequantize") == 28
+    assert loss.item() == pytest.approx(reference_loss, rel=1e-6)
     for name, grad in reference.items():
-        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), name
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_reusing_recomputed_weights_needs_gradient_checkpointing(tiny_config):
+    """Without checkpointing nothing frees what the layers keep: all the dequantized weights would stay."""
+    from qlora.stages.fused_lora import keeps_recomputed_tensors
+
+    assert keeps_recomputed_tensors(tiny_config("training.gradient_checkpointing=true"))
+    assert not keeps_recomputed_tensors(tiny_config("training.gradient_checkpointing=false"))
+    assert not keeps_recomputed_tensors(tiny_config("training.gradient_checkpointing=true", "performance=off"))
+    assert not keeps_recomputed_tensors(tiny_config("training.gradient_checkpointing=true", "quantization=int8"))
 
 
 def test_fused_lora_in_bf16_under_autocast(tiny_config):
@@ -160,7 +214,33 @@ def test_fused_lora_switch_reaches_the_pipeline(tiny_config, caplog):
 def test_switches_reach_the_trainer_arguments(tiny_config, tmp_path):
     config = tiny_config("performance.activation_offloading=true", "performance.torch_compile=true")
     args = build_sft_config(config, tmp_path)
-    assert args.activation_offloading and args.torch_compile
+    assert args.activation_offloading
+    assert not args.torch_compile  # qlora compiles the decoder layers itself, not the whole model
+
+
+def test_torch_compile_compiles_the_decoder_layers_once_for_all(tiny_config, caplog):
+    """performance.torch_compile: every decoder layer compiled, one compilation serving them all; the same loss as
+    uncompiled; the held-out check's generation runs uncompiled (it would compile again for every length)."""
+    from qlora.pipeline import run_training
+
+    shared = ("lora.dropout=0", "training.max_steps=2", "eval.exact_match_samples=2",
+              "training.overwrite_output_dir=true", "performance.liger_kernel=false")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with caplog.at_level(logging.INFO):
+        compiled = run_training(tiny_config("performance.torch_compile=true", *shared))
+    assert "performance.torch_compile: 4 decoder layers compiled" in caplog.text
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 <= graphs < 4, graphs
+    eager = run_training(tiny_config(*shared))
+    assert compiled.train_loss_first == pytest.approx(eager.train_loss_first, rel=1e-4)
+    assert compiled.exact_match_after is not None
+
+
+def test_torch_compile_and_liger_exclude_each_other(tiny_config):
+    performance = tiny_config("performance.torch_compile=true").performance
+    with pytest.raises(QLoRAError, match="exclude each other.*performance.liger_kernel=false"):
+        check_performance_support(performance, torch.device("cuda"))
 
 
 def test_benchmark_runs_both_recipes_on_the_cpu(tmp_path):
@@ -181,3 +261,35 @@ def test_benchmark_runs_both_recipes_on_the_cpu(tmp_path):
     # the same data, seed and LoRA initialisation: the same function, so the same first loss
     assert ours["losses"][0] == pytest.approx(plain["losses"][0], rel=0.01)
     assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
+
+
+def test_trace_gaps_finds_where_the_gpu_waits_for_the_host():
+    """scripts/benchmarks/trace_gaps.py on a handmade profiler trace: two forward kernels 60 us apart, then a
+    backward kernel launched 310 us after the GPU went idle, once the host had synchronised."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
+    from trace_gaps import step_gaps
+
+    def op(cat, name, ts, dur, tid=1, correlation=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": {} if correlation is None else {"correlation": correlation}}
+
+    events = [
+        op("user_annotation", "ProfilerStep#1", 0, 1000),
+        op("cpu_op", "LoRA4bitLinear", 0, 400),
+        op("cpu_op", "aten::mm", 90, 20),
+        op("cuda_runtime", "cudaLaunchKernel", 100, 5, correlation=1),
+        op("cuda_runtime", "cudaLaunchKernel", 350, 5, correlation=2),
+        op("cuda_runtime", "cudaStreamSynchronize", 600, 100),
+        op("cpu_op", "autograd::engine::evaluate_function: LoRA4bitLinearBackward", 700, 250, tid=2),
+        op("cuda_runtime", "cudaLaunchKernel", 800, 5, tid=2, correlation=3),
+        op("kernel", "gemm", 110, 190, tid=7, correlation=1),
+        op("kernel", "dropout", 360, 140, tid=7, correlation=2),
+        op("kernel", "gemm_backward", 810, 90, tid=7, correlation=3),
+    ]
+    result = step_gaps(events)
+    assert result.wall_us == 1000 and result.busy_us == 190 + 140 + 90
+    first, second = sorted(result.gaps, key=lambda g: g["start"])[1:]  # the first gap is the step's start
+    assert (first["us"], first["inner"], first["outer"], first["synced"]) == (60, "LoRA4bitLinear",
+                                                                             "main thread: LoRA4bitLinear", False)
+    assert second["us"] == 310 and second["outer"] == "backward" and second["synced"]
+    assert second["inner"] == "autograd::engine::evaluate_function: LoRA4bitLinearBackward"

@@ -133,9 +133,10 @@ def test_loading_holds_the_quantized_model_and_one_shard_not_the_full_model(tmp_
     assert deep["peak"] - deep["footprint"] < shallow["peak"] - shallow["footprint"] + 8 * 2**20, measured
 
 
-def _saved_bytes(tiny_config, *overrides: str) -> tuple[int, int]:
+def _saved_bytes(tiny_config, *overrides: str, keep_for_backward: bool = False) -> tuple[int, int]:
     """Bytes autograd keeps for one training forward pass of the tiny model (each storage once), and the number
-    of adapted layers' input elements (the unit of the planner's dropout term)."""
+    of adapted layers' input elements (the unit of the planner's dropout term). No gradient checkpointing: every
+    layer keeps what, under checkpointing, the recomputed layer keeps."""
     from qlora.stages.adapters import attach_lora
     from qlora.stages.model import frozen_weights_dtype, prepare_for_kbit_training
 
@@ -143,7 +144,7 @@ def _saved_bytes(tiny_config, *overrides: str) -> tuple[int, int]:
     model = load_quantized_model(config.model, config.quantization, torch.device("cpu"))
     dtype = frozen_weights_dtype(config.performance, config.quantization)
     model = prepare_for_kbit_training(model, False, dtype)
-    model = attach_lora(model, config.lora, fused=config.performance.fused_lora)
+    model = attach_lora(model, config.lora, fused=config.performance.fused_lora, keep_for_backward=keep_for_backward)
     model.train()
     ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     storages = {}
@@ -168,3 +169,19 @@ def test_fused_lora_dropout_keeps_only_its_mask(tiny_config):
     peft_without, _ = _saved_bytes(tiny_config, "lora.dropout=0", "performance.fused_lora=false")
     peft_with, _ = _saved_bytes(tiny_config, "lora.dropout=0.1", "performance.fused_lora=false")
     assert peft_with - peft_without > 3 * (with_dropout - without)  # peft keeps each dropout's output too
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_reused_recomputed_weights_cost_what_the_planner_adds(tiny_config, dropout):
+    """performance.reuse_recomputed_weights: per layer, what the fused layers keep beyond their inputs (every
+    dequantized weight; with dropout, each adapter's dropout output) is the planner's extra working set, measured
+    with saved_tensors_hooks."""
+    overrides = (f"lora.dropout={dropout}", "training.batch_size=4", "data.max_length=64",
+                 "training.gradient_checkpointing=true")
+    without, _ = _saved_bytes(tiny_config, *overrides)
+    kept, _ = _saved_bytes(tiny_config, *overrides, keep_for_backward=True)
+    on, off = (plan_memory(tiny_config(*overrides, f"performance.reuse_recomputed_weights={switch}"))
+               for switch in ("true", "false"))
+    transient = 2 * on.params.largest_quantized * 4  # the dequantized weight the planner drops for float32 compute
+    layers = 4
+    assert (kept - without) / layers == on.training_peak - off.training_peak + transient

@@ -13,9 +13,11 @@ from qlora.stages.fused_lora import fuse_lora_layers
 log = logging.getLogger(__name__)
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False) -> peft.PeftModel:
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False,
+                keep_for_backward: bool = False) -> peft.PeftModel:
     """peft's LoRA adapters from the lora group; `fused` (performance.fused_lora) routes the layers over 4-bit
-    weights through qlora's fused LoRA function."""
+    weights through qlora's fused LoRA function, `keep_for_backward` (performance.reuse_recomputed_weights, under
+    gradient checkpointing only) lets it keep its dequantized weights for the backward pass."""
     peft_config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -29,5 +31,5 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False) -
     )
     model = peft.get_peft_model(model, peft_config)
     if fused:
-        log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fuse_lora_layers(model))
+        log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fuse_lora_layers(model, keep_for_backward))
     return model

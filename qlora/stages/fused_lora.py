@@ -12,6 +12,12 @@ forward pass, in its recomputation under gradient checkpointing and in the backw
 The same function, fewer kernels and Python calls; dropout keeps only its 1-byte mask (the input is saved once,
 shared by the layers that read it). The base weight is dequantized again in the backward pass, as
 bitsandbytes does, so nothing of its size is kept.
+
+Under gradient checkpointing a layer's saved tensors live only from its recomputation to its backward pass, which
+follows at once, so there (`performance.reuse_recomputed_weights`) the function keeps the dequantized weight and
+the dropout output too: the backward pass then neither dequantizes again nor re-applies the mask to the input,
+for one decoder layer's weights in the compute dtype of memory. The first, checkpointed forward pass keeps none
+of it: the checkpoint discards what it saves.
 """
 
 from __future__ import annotations
@@ -21,15 +27,32 @@ import types
 import torch
 from torch import nn
 
+from qlora.config import TrainConfig
 
-def fuse_lora_layers(model: nn.Module) -> int:
+
+def fused_lora(config: TrainConfig) -> bool:
+    """Whether the LoRA layers run through the fused function: over 4-bit weights, when switched on."""
+    return config.performance.fused_lora and config.quantization.method in ("nf4", "fp4")
+
+
+def keeps_recomputed_tensors(config: TrainConfig) -> bool:
+    """Whether the fused layers keep their dequantized weights for the backward pass: only where gradient
+    checkpointing frees them again layer by layer."""
+    return (fused_lora(config) and config.performance.reuse_recomputed_weights
+            and config.training.gradient_checkpointing)
+
+
+def fuse_lora_layers(model: nn.Module, keep_for_backward: bool = False) -> int:
     """Route every peft LoRA layer over a bitsandbytes 4-bit layer through the fused function; returns how
-    many. A layer falls back to peft's own forward whenever the fused one does not apply (see fusable)."""
+    many. A layer falls back to peft's own forward whenever the fused one does not apply (see fusable).
+    `keep_for_backward`: a forward pass with gradients keeps the dequantized weight and the dropout output for
+    the backward pass; only for layers run under gradient checkpointing, which frees them (module docstring)."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     layers = [module for module in model.modules() if isinstance(module, LoraLinear4bit)]
     for layer in layers:
         layer.forward = types.MethodType(fused_forward, layer)
+        layer.qlora_keep_for_backward = keep_for_backward
     return len(layers)
 
 
@@ -43,8 +66,9 @@ def fused_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    keep = layer.qlora_keep_for_backward and torch.is_grad_enabled()
     y = LoRA4bitLinear.apply(flat, layer.lora_A[adapter].weight.to(dtype), layer.lora_B[adapter].weight.to(dtype),
-                             base.weight, quant_state, layer.scaling[adapter], p)
+                             base.weight, quant_state, layer.scaling[adapter], p, keep)
     if base.bias is not None:
         y = y + base.bias.to(dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -71,39 +95,41 @@ def fusable(layer: nn.Module) -> bool:
 
 
 class LoRA4bitLinear(torch.autograd.Function):
-    """y = x W^T + scaling * (dropout(x) A^T) B^T for a 4-bit W; x is 2-D and in the compute dtype."""
+    """y = x W^T + scaling * (dropout(x) A^T) B^T for a 4-bit W; x is 2-D and in the compute dtype. `keep`: save
+    the dequantized W and dropout(x) for the backward pass instead of dequantizing and masking again there."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float):
-        y = _base_matmul(x, weight, quant_state)
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, keep: bool):
+        dequantized = _dequantize(weight, quant_state, x.dtype) if keep else None
+        y = x @ dequantized.t() if keep else _base_matmul(x, weight, quant_state)
         x_dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
         xa = x_dropped @ lora_a.t()
         y.addmm_(xa, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, mask, xa, lora_a, lora_b)
+        ctx.save_for_backward(x_dropped if keep else x, mask, xa, lora_a, lora_b, dequantized)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
+        ctx.saved_dropped = keep
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        import bitsandbytes.functional as bnb_functional
-
-        x, mask, xa, lora_a, lora_b = ctx.saved_tensors
+        x, mask, xa, lora_a, lora_b, dequantized = ctx.saved_tensors
         dy = dy.to(x.dtype)
         dxa = dy @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            weight = bnb_functional.dequantize_4bit(ctx.weight, ctx.quant_state).to(dy.dtype)
+            weight = dequantized if dequantized is not None else _dequantize(ctx.weight, ctx.quant_state, dy.dtype)
             dx = dy @ weight
             if mask is None:
                 dx.addmm_(dxa, lora_a)
             else:
                 dx += torch.ops.aten.native_dropout_backward(dxa @ lora_a, mask, ctx.keep_scale)
         if ctx.needs_input_grad[1]:
-            x_dropped = x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
+            dropped = mask is None or ctx.saved_dropped
+            x_dropped = x if dropped else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
             da = dxa.t() @ x_dropped
         if ctx.needs_input_grad[2]:
             db = dy.t() @ (xa * ctx.scaling)
-        return dx, da, db, None, None, None, None
+        return dx, da, db, None, None, None, None, None
 
 
 def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Tensor:
@@ -116,3 +142,15 @@ def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Te
         x, packed, quant_state.shape, quant_state.state2.absmax, quant_state.blocksize, quant_state.quant_type,
         absmax_8bit=quant_state.absmax, absmax_code=quant_state.state2.code, absmax_offset=quant_state.offset,
     )
+
+
+def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """W in `dtype`, through the same bitsandbytes ops as gemm_4bit dequantizes with."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        state2 = quant_state.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, state2.absmax, state2.code,
+                                                                     state2.blocksize, torch.float32)
+        absmax = absmax + quant_state.offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.view(-1, 1), absmax, quant_state.blocksize,
+                                                          quant_state.quant_type, quant_state.shape, dtype)

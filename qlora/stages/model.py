@@ -6,8 +6,10 @@ import logging
 
 import torch
 from peft import prepare_model_for_kbit_training
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.config import ModelConfig, PerformanceConfig, QuantizationConfig
 from qlora.errors import QLoRAError
@@ -241,6 +243,16 @@ def keep_4bit_layout(model: PreTrainedModel) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
             module.support_avx512bf16_for_cpu = False
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """performance.torch_compile: compile every decoder layer in place, each on its own, so that one compilation
+    serves all the layers and the gradient checkpoint around each layer stays outside the compiled code; returns
+    how many."""
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def frozen_weights_dtype(performance: PerformanceConfig, quantization: QuantizationConfig) -> torch.dtype:

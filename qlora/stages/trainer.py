@@ -68,7 +68,6 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         use_liger_kernel=uses_liger_kernel(config.performance),
         liger_kernel_config=LIGER_LAYER_KERNELS,
         activation_offloading=config.performance.activation_offloading,
-        torch_compile=config.performance.torch_compile,
         # transformers makes its own accelerate state; on a machine without a GPU it must ask for the CPU,
         # or processes started by `accelerate launch` would each train alone instead of joining over gloo
         use_cpu=not torch.cuda.is_available(),
@@ -87,7 +86,13 @@ def uses_liger_kernel(performance: PerformanceConfig) -> bool:
 
 
 def check_performance_support(performance: PerformanceConfig, device: torch.device) -> None:
-    """Refuse, before loading anything, a switch this machine cannot honour."""
+    """Refuse, before loading anything, a switch this machine cannot honour, or two that exclude each other."""
+    if performance.torch_compile and performance.liger_kernel:
+        raise QLoRAError(
+            "performance.torch_compile=true and performance.liger_kernel=true exclude each other: Inductor "
+            "generates its own fused kernels for the compiled layers and cannot compile Liger's. Turn one off, "
+            "e.g. performance.liger_kernel=false."
+        )
     if performance.liger_kernel and device.type == "cuda" and importlib.util.find_spec("liger_kernel") is None:
         raise QLoRAError(
             "performance.liger_kernel=true needs the liger-kernel package, which is not installed. Install it "
