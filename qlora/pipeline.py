@@ -24,15 +24,13 @@ from transformers import set_seed
 from qlora.config import TrainConfig
 from qlora.data import load_sft_dataset, prepare_sft_data
 from qlora.errors import TrainingInterrupted
-from qlora.stages.adapters import attach_lora
+from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
 from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, out_of_memory_error
-from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
 from qlora.stages.memory import expected_training_peak
 from qlora.stages.model import (
-    compile_decoder_layers,
     fit_embeddings_to_tokenizer,
     frozen_weights_dtype,
     load_quantized_model,
@@ -92,11 +90,7 @@ def run_training(config: TrainConfig) -> RunSummary:
                                           frozen_weights_dtype(config.performance, config.quantization),
                                           sharded=uses_fsdp())
     with stage("LoRA adapters", seconds):
-        # FSDP flattens the 4-bit weights the fused function reads; there peft's layers run (not measured fused)
-        model = attach_lora(model, config.lora, fused=fused_lora(config) and not uses_fsdp(),
-                            keep_for_backward=keeps_recomputed_tensors(config))
-        if config.performance.torch_compile:
-            log.info("performance.torch_compile: %d decoder layers compiled", compile_decoder_layers(model))
+        model = attach_training_adapters(model, config, sharded=uses_fsdp())
         trainable, total = model.get_nb_trainable_parameters()
         log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     on_main_process(state, lambda: check_free_space(run_dir, trainable, config.training.save_total_limit))

@@ -208,10 +208,9 @@ def qlora_recipe(args: argparse.Namespace, device: str):
     from transformers import set_seed
 
     from qlora.config import compose_config
-    from qlora.stages.adapters import attach_lora
-    from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
-    from qlora.stages.model import (compile_decoder_layers, fit_embeddings_to_tokenizer, frozen_weights_dtype,
-                                    load_quantized_model, load_tokenizer, prepare_for_kbit_training)
+    from qlora.stages.adapters import attach_training_adapters
+    from qlora.stages.model import (fit_embeddings_to_tokenizer, frozen_weights_dtype, load_quantized_model,
+                                    load_tokenizer, prepare_for_kbit_training)
     from qlora.stages.trainer import build_trainer as build_qlora_trainer
     from qlora.stages.trainer import check_performance_support
 
@@ -235,10 +234,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
     model = prepare_for_kbit_training(model, config.training.gradient_checkpointing,
                                       frozen_weights_dtype(config.performance, config.quantization))
     set_seed(0)  # the same LoRA initialisation as the plain recipe
-    model = attach_lora(model, config.lora, fused=fused_lora(config),
-                        keep_for_backward=keeps_recomputed_tensors(config))
-    if config.performance.torch_compile:
-        compile_decoder_layers(model)
+    model = attach_training_adapters(model, config)
     return (lambda dataset: build_qlora_trainer(config, model, tokenizer, dataset, run_dir)), model
 
 

@@ -7,8 +7,9 @@ import logging
 import peft
 from transformers import PreTrainedModel
 
-from qlora.config import LoraConfig
-from qlora.stages.fused_lora import fuse_lora_layers
+from qlora.config import LoraConfig, TrainConfig
+from qlora.stages.fused_lora import fuse_lora_layers, fused_lora, keeps_recomputed_tensors
+from qlora.stages.model import compile_decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -32,4 +33,16 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False,
     model = peft.get_peft_model(model, peft_config)
     if fused:
         log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fuse_lora_layers(model, keep_for_backward))
+    return model
+
+
+def attach_training_adapters(model: PreTrainedModel, config: TrainConfig,
+                             sharded: bool = False) -> peft.PeftModel:
+    """The adapters as a run trains them, with the performance switches that act on the layers: the fused LoRA
+    function (and its reuse of recomputed weights) and the compiled decoder layers. Under FSDP (`sharded`) neither
+    applies: FSDP flattens the 4-bit weights the fused function reads, and neither is measured there."""
+    model = attach_lora(model, config.lora, fused=fused_lora(config) and not sharded,
+                        keep_for_backward=keeps_recomputed_tensors(config))
+    if config.performance.torch_compile and not sharded:
+        log.info("performance.torch_compile: %d decoder layers compiled", compile_decoder_layers(model))
     return model

@@ -32,8 +32,7 @@ from transformers import AutoModelForCausalLM
 from make_random_checkpoint import random_checkpoint
 from qlora.config import ASSETS_DIR, compose_config
 from qlora.plan import GiB, plan_memory
-from qlora.stages.adapters import attach_lora
-from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
+from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.model import frozen_weights_dtype, load_quantized_model, load_tokenizer, prepare_for_kbit_training
 from qlora.stages.trainer import build_trainer
 
@@ -154,8 +153,7 @@ def load(config, device: torch.device, memory: "PeakMemory"):
     tokenizer = load_tokenizer(config.model)
     dtype = frozen_weights_dtype(config.performance, config.quantization)
     model = prepare_for_kbit_training(model, config.training.gradient_checkpointing, dtype)
-    model = attach_lora(model, config.lora, fused=fused_lora(config),
-                        keep_for_backward=keeps_recomputed_tensors(config))
+    model = attach_training_adapters(model, config)
     return model, tokenizer, load_peak, after_load, footprint
 
 

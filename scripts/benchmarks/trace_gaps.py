@@ -21,6 +21,7 @@ from pathlib import Path
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATEGORIES = {"cpu_op", "user_annotation"}
+LAUNCH_CATEGORIES = {"cuda_runtime", "cuda_driver"}  # cuBLAS's nvjet and Triton kernels go through the driver API
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
@@ -57,7 +58,7 @@ def step_gaps(events: list[dict], min_gap_us: float = 5.0) -> StepGaps:
     step = max(steps, key=lambda e: e["ts"])
     begin, end = step["ts"], step["ts"] + step["dur"]
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
     # the GPU work this step launched, in order of start
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES
                   and begin <= launches.get(e.get("args", {}).get("correlation"), {"ts": -1})["ts"] <= end),
