@@ -225,7 +225,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
         f"training.scheduler={SHARED_HYPERPARAMETERS['lr_scheduler_type']}",
         f"training.warmup_ratio={SHARED_HYPERPARAMETERS['warmup_steps']}",
         f"training.max_grad_norm={SHARED_HYPERPARAMETERS['max_grad_norm']}",
-        f"training.optim={'paged_adamw_8bit' if device == 'cuda' else 'adamw_torch'}", *args.override,
+        *([] if device == "cuda" else ["training.optim=adamw_torch"]), *args.override,
     ])
     check_performance_support(config.performance, torch.device(device))
     tokenizer = load_tokenizer(config.model)
