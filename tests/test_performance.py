@@ -221,7 +221,8 @@ def test_switches_reach_the_trainer_arguments(tiny_config, tmp_path):
 
 def test_torch_compile_compiles_the_decoder_layers_once_for_all(tiny_config, caplog):
     """performance.torch_compile on the CPU: every decoder layer compiled, one compilation serving them all; the
-    same losses as uncompiled over 20 steps; the held-out check's generation runs uncompiled (it would compile again for every length)."""
+    same losses as uncompiled over 20 steps; the held-out check's generation runs uncompiled (it would compile
+    again for every length)."""
     from qlora.pipeline import run_training
 
     shared = ("lora.dropout=0", "eval.exact_match_samples=2", "training.overwrite_output_dir=true",

@@ -32,7 +32,8 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False,
     )
     model = peft.get_peft_model(model, peft_config)
     if fused:
-        log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fuse_lora_layers(model, keep_for_backward))
+        fused_layers = fuse_lora_layers(model, keep_for_backward)
+        log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fused_layers)
     return model
 
 
