@@ -183,5 +183,5 @@ def test_reused_recomputed_weights_cost_what_the_planner_adds(tiny_config, dropo
     on, off = (plan_memory(tiny_config(*overrides, f"performance.reuse_recomputed_weights={switch}"))
                for switch in ("true", "false"))
     transient = 2 * on.params.largest_quantized * 4  # the dequantized weight the planner drops for float32 compute
-    layers = 4
+    layers = load_architecture(tiny_config().model).config.num_hidden_layers
     assert (kept - without) / layers == on.training_peak - off.training_peak + transient

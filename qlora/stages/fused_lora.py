@@ -107,7 +107,6 @@ class LoRA4bitLinear(torch.autograd.Function):
         y.addmm_(xa, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x_dropped if keep else x, mask, xa, lora_a, lora_b, dequantized)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
-        ctx.saved_dropped = keep
         return y
 
     @staticmethod
@@ -124,7 +123,7 @@ class LoRA4bitLinear(torch.autograd.Function):
             else:
                 dx += torch.ops.aten.native_dropout_backward(dxa @ lora_a, mask, ctx.keep_scale)
         if ctx.needs_input_grad[1]:
-            dropped = mask is None or ctx.saved_dropped
+            dropped = mask is None or dequantized is not None  # `keep` saved dropout(x) in x's place
             x_dropped = x if dropped else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
             da = dxa.t() @ x_dropped
         if ctx.needs_input_grad[2]:
