@@ -11,9 +11,10 @@ from qlora.stages.model import load_quantized_model
 
 pytestmark = pytest.mark.gpu
 
-# What llama7b and the other GPU recipes use: bf16 compute, paged 8-bit AdamW, gradient checkpointing.
+# What llama7b and the other GPU recipes use: bf16 compute, paged 8-bit AdamW, gradient checkpointing, compiled
+# decoder layers (the tiny recipe turns compilation off for the CPU).
 GPU_SETTINGS = ("quantization.compute_dtype=bfloat16", "model.dtype=bfloat16", "training.optim=paged_adamw_8bit",
-                "training.gradient_checkpointing=true")
+                "training.gradient_checkpointing=true", "performance.torch_compile=true")
 
 
 def test_quantized_weights_live_on_the_gpu(tiny_config):
@@ -79,4 +80,34 @@ def test_fused_lora_computes_peft_function_on_cuda(tiny_config):
     (loss, grads), (reference_loss, reference) = results[True], results[False]
     assert loss == pytest.approx(reference_loss, rel=1e-2)
     for name, grad in reference.items():
+        assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name
+
+
+def test_compiled_layers_compute_the_eager_gradients_on_cuda(tiny_config):
+    """performance.torch_compile with the fused LoRA function, under gradient checkpointing and autocast: the
+    compiled decoder layers give the eager layers' loss and LoRA gradients. (With torch 2.11 an in-place op on the
+    fused function's output made every compiled LoRA gradient zero, on CUDA only: the adapters never trained.)"""
+    from qlora.stages.adapters import attach_training_adapters
+    from qlora.stages.model import frozen_weights_dtype, prepare_for_kbit_training
+
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    results = {}
+    for compiled in (True, False):
+        config = tiny_config(*GPU_SETTINGS, "lora.dropout=0", f"performance.torch_compile={compiled}")
+        torch.manual_seed(0)
+        model = load_quantized_model(config.model, config.quantization, torch.device("cuda", 0))
+        dtype = frozen_weights_dtype(config.performance, config.quantization)
+        model = attach_training_adapters(prepare_for_kbit_training(model, True, dtype), config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.05)
+        model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[compiled] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    (loss, grads), (reference_loss, reference) = results[True], results[False]
+    assert loss == pytest.approx(reference_loss, rel=1e-2)
+    for name, grad in reference.items():
+        assert torch.linalg.norm(grad) > 0, name
         assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name

@@ -5,7 +5,7 @@ peft computes base(x) + lora_B(lora_A(dropout(x))) * scaling module by module: t
 dropout output is saved for the backward pass beside its mask, and every piece is a Python call, in the
 forward pass, in its recomputation under gradient checkpointing and in the backward pass. Here:
 
-    forward   y = x W^T (bitsandbytes' gemm_4bit);  y += scaling * (dropout(x) A^T) B^T   (one addmm)
+    forward   y = x W^T (bitsandbytes' gemm_4bit) + scaling * (dropout(x) A^T) B^T   (one addmm)
     backward  dx = dy W + dropout'((scaling * dy B) A)
               dA = (scaling * dy B)^T dropout(x);  dB = scaling * dy^T (dropout(x) A^T)
 
@@ -104,7 +104,9 @@ class LoRA4bitLinear(torch.autograd.Function):
         y = x @ dequantized.t() if keep else _base_matmul(x, weight, quant_state)
         x_dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
         xa = x_dropped @ lora_a.t()
-        y.addmm_(xa, lora_b.t(), alpha=scaling)
+        # out of place: under torch.compile (torch 2.11) an in-place op on the returned tensor sends its gradient
+        # to the wrong output and every LoRA gradient comes out zero (pytorch/pytorch#180642; measured on an H100)
+        y = torch.addmm(y, xa, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x_dropped if keep else x, mask, xa, lora_a, lora_b, dequantized)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
         return y
@@ -117,11 +119,10 @@ class LoRA4bitLinear(torch.autograd.Function):
         dx = da = db = None
         if ctx.needs_input_grad[0]:
             weight = dequantized if dequantized is not None else _dequantize(ctx.weight, ctx.quant_state, dy.dtype)
-            dx = dy @ weight
             if mask is None:
-                dx.addmm_(dxa, lora_a)
+                dx = torch.addmm(dy @ weight, dxa, lora_a)
             else:
-                dx += torch.ops.aten.native_dropout_backward(dxa @ lora_a, mask, ctx.keep_scale)
+                dx = dy @ weight + torch.ops.aten.native_dropout_backward(dxa @ lora_a, mask, ctx.keep_scale)
         if ctx.needs_input_grad[1]:
             dropped = mask is None or dequantized is not None  # `keep` saved dropout(x) in x's place
             x_dropped = x if dropped else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)

@@ -87,12 +87,6 @@ def uses_liger_kernel(performance: PerformanceConfig) -> bool:
 
 def check_performance_support(performance: PerformanceConfig, device: torch.device) -> None:
     """Refuse, before loading anything, a switch this machine cannot honour, or two that exclude each other."""
-    if performance.torch_compile and device.type == "cuda":
-        raise QLoRAError(
-            "performance.torch_compile=true is refused on CUDA: the compiled decoder layers ran faster but did not "
-            "train on an H100 (the loss stayed flat where the eager layers' fell; docs/performance.md). Leave it "
-            "off: performance.torch_compile=false."
-        )
     if performance.torch_compile and performance.liger_kernel:
         raise QLoRAError(
             "performance.torch_compile=true and performance.liger_kernel=true exclude each other: Inductor "
