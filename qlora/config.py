@@ -136,7 +136,9 @@ class TrainingConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
-    optim: str = "paged_adamw_8bit"
+    # torch's fused AdamW: one launch group for all the LoRA tensors. bitsandbytes' paged 8-bit AdamW (the QLoRA
+    # paper's) launches per tensor from Python: 4.7% slower on an H100, 0.1 GiB less (training.optim=paged_adamw_8bit)
+    optim: str = "adamw_torch_fused"
     gradient_checkpointing: bool = True
     seed: int = 42
     logging_steps: int = 10

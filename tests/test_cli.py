@@ -33,7 +33,7 @@ def test_cfg_job_prints_the_composed_llama7b_recipe(tmp_path):
     config = yaml.safe_load(result.stdout)
     assert config["model"]["name_or_path"] == "meta-llama/Llama-2-7b-hf"
     assert config["quantization"]["method"] == "nf4" and config["lora"]["r"] == 8
-    assert config["training"]["optim"] == "paged_adamw_8bit"
+    assert config["training"]["optim"] == "adamw_torch_fused"
 
 
 def test_no_recipe_runs_the_tiny_recipe(tmp_path):

@@ -11,9 +11,9 @@ from qlora.stages.model import load_quantized_model
 
 pytestmark = pytest.mark.gpu
 
-# What llama7b and the other GPU recipes use: bf16 compute, paged 8-bit AdamW, gradient checkpointing, compiled
-# decoder layers (the tiny recipe turns compilation off for the CPU).
-GPU_SETTINGS = ("quantization.compute_dtype=bfloat16", "model.dtype=bfloat16", "training.optim=paged_adamw_8bit",
+# What llama7b and the other GPU recipes use: bf16 compute, fused AdamW, gradient checkpointing, compiled decoder
+# layers (the tiny recipe turns compilation off for the CPU).
+GPU_SETTINGS = ("quantization.compute_dtype=bfloat16", "model.dtype=bfloat16", "training.optim=adamw_torch_fused",
                 "training.gradient_checkpointing=true", "performance.torch_compile=true")
 
 
