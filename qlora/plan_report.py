@@ -15,6 +15,7 @@ from qlora.cli import run_hydra_command
 from qlora.config import PlanConfig, typed_config, with_default_recipe
 from qlora.errors import QLoRAError
 from qlora.plan import GiB, MemoryPlan, largest_batch, load_architecture, longest_sequence, plan_memory
+from qlora.stages.model import frozen_weights_dtype
 from qlora.validation import validate
 
 _UNITS = {"": GiB, "g": GiB, "gib": GiB, "gb": 10**9, "m": 2**20, "mib": 2**20, "mb": 10**6, "t": 2**40,
@@ -57,7 +58,7 @@ def render(plan: MemoryPlan, config: PlanConfig) -> str:
         + (_gib(plan.load_bound) if plan.load_bound is not None else "unknown: the checkpoint is not a local folder"),
         f"training peak at batch {plan.batch_size} x {plan.seq_len} tokens, gradient checkpointing {checkpointing} "
         f"{_gib(plan.training_peak)}",
-        f"  weights (unquantized ones in float32 after k-bit preparation) {_gib(plan.weights)}",
+        f"  weights (unquantized ones in {_frozen_dtype(config)} after k-bit preparation) {_gib(plan.weights)}",
         f"  LoRA weights, gradients, optimizer states ({config.training.optim}) {_gib(plan.lora_and_optimizer)}",
         f"  activations {_gib(plan.activations)}",
         f"    with gradient checkpointing {_gib(plan.activations_with_checkpointing)}",
@@ -81,6 +82,10 @@ def gpu_memory(value: str | None) -> tuple[int | None, str]:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
     return None, ""
+
+
+def _frozen_dtype(config: PlanConfig) -> str:
+    return str(frozen_weights_dtype(config.performance, config.quantization)).removeprefix("torch.")
 
 
 def _gib(value: int) -> str:

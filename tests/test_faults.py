@@ -77,6 +77,20 @@ def test_nan_loss_step_is_skipped_when_asked(tiny_config, monkeypatch):
     assert "step 2: NaN/inf loss or gradients; skipped" in (Path(summary.run_dir) / "train.log").read_text()
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_one_nonfinite_gradient_element_is_caught(tmp_path, bad):
+    """The guard checks every gradient through their total norm: one NaN/inf element anywhere is enough."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e30)  # large but finite: still a finite total norm in float32
+    args, state = type("Args", (), {"device": torch.device("cpu")})(), type("State", (), {"global_step": 6})()
+    guard = faults.NonFiniteGuard("stop", tmp_path, 1e-4)
+    guard.on_pre_optimizer_step(args, state, None, model=model)  # finite: nothing happens
+    model[1].bias.grad[1] = bad
+    with pytest.raises(QLoRAError, match="training stopped at step 7"):
+        guard.on_pre_optimizer_step(args, state, None, model=model)
+
+
 def test_out_of_memory_names_the_stage_and_the_fix(tiny_config, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -78,7 +78,8 @@ def test_plan_command_with_gpu_memory_flag(tmp_path):
     assert "config.json from qlora's shipped copy" in result.stdout
     for text in ("quantized linear (nf4)", "LoRA (trainable, r=16)", "quantization statistics", "load peak",
                  "training peak at batch 4 x 2048 tokens", "without gradient checkpointing", "logits and loss",
-                 "fits plan.gpu_memory=24GiB", "largest batch size at data.max_length=2048"):
+                 "fits plan.gpu_memory=24GiB", "largest batch size at data.max_length=2048",
+                 "unquantized ones in bfloat16 after k-bit preparation"):  # performance.frozen_weights_float32=false
         assert text in result.stdout, text
     same = run_cli("+recipe=llama7b", "plan.gpu_memory=24GiB", cwd=tmp_path, command="qlora.plan")
     assert same.stdout == result.stdout
