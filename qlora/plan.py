@@ -54,6 +54,9 @@ FUSED_DROPOUT_PER_INPUT = 1.0
 # and per unit of (hidden, intermediate) size: the recomputed layer, its backward pass and the loss head's
 # hidden states. Fitted to torch.cuda.max_memory_allocated on an H100 for Llama-2-7B and Llama-3-8B at
 # 1k-8k tokens per batch (scripts/benchmarks/results/2026-11-22-h100-plan-accuracy-run1.md, checked in run2).
+# With the compiled decoder layers (the default since, in place of Liger's kernels) the measured peaks at 2 x 2048
+# were 6.15 GiB (Llama-2-7B) and 7.97 GiB (Llama-3-8B) against 6.58 and 8.42 planned: 5-7% above, on the safe side
+# (2026-11-23-h100-session3.md, call 6); not refitted.
 GPU_WORKING_SET_PER_TOKEN = (41.8, 6.1)
 LOSS_TILE_TOKENS, LOSS_TILE_VOCAB = 4096, 32768  # TRL's fused LM head tiles (trl/kernels/chunked_logprob.py)
 CUBLAS_WORKSPACE = 32 * 2**20
