@@ -54,33 +54,46 @@ def test_generate_evaluate_and_merge_on_the_gpu(trained_run, tmp_path):
     assert 0.0 < result.dequantization_error < 0.2
 
 
+def _loss_and_gradients_on_cuda(config, attach):
+    """The tiny model on CUDA with the adapters `attach` puts on it (LoRA B random, so that every LoRA term shows),
+    one bf16 autocast forward and backward pass under gradient checkpointing: the loss and the LoRA gradients."""
+    from qlora.stages.model import frozen_weights_dtype, prepare_for_kbit_training
+
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    torch.manual_seed(0)
+    model = load_quantized_model(config.model, config.quantization, torch.device("cuda", 0))
+    dtype = frozen_weights_dtype(config.performance, config.quantization)
+    model = attach(prepare_for_kbit_training(model, True, dtype))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    model.train()
+    torch.manual_seed(1)  # the same dropout masks
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_up_to_bf16(result, reference_result):
+    (loss, grads), (reference_loss, reference) = result, reference_result
+    assert loss == pytest.approx(reference_loss, rel=1e-2)
+    for name, grad in reference.items():
+        assert torch.linalg.norm(grad) > 0, name
+        assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name
+
+
 def test_fused_lora_computes_peft_function_on_cuda(tiny_config):
     """bf16 under autocast on CUDA, with dropout and gradient checkpointing: bitsandbytes' CUDA kernels and
     cuBLAS in the fused function give peft's loss and gradients up to bf16 rounding."""
     from qlora.stages.adapters import attach_lora
-    from qlora.stages.model import frozen_weights_dtype, prepare_for_kbit_training
 
     config = tiny_config(*GPU_SETTINGS, "lora.dropout=0.1")
-    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    results = {}
-    for fused in (True, False):
-        torch.manual_seed(0)
-        model = load_quantized_model(config.model, config.quantization, torch.device("cuda", 0))
-        dtype = frozen_weights_dtype(config.performance, config.quantization)
-        model = attach_lora(prepare_for_kbit_training(model, True, dtype), config.lora, fused=fused)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.05)
-        model.train()
-        torch.manual_seed(1)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results[fused] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-    (loss, grads), (reference_loss, reference) = results[True], results[False]
-    assert loss == pytest.approx(reference_loss, rel=1e-2)
-    for name, grad in reference.items():
-        assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name
+
+    def run(fused):
+        return _loss_and_gradients_on_cuda(config, lambda model: attach_lora(model, config.lora, fused=fused))
+
+    _assert_same_up_to_bf16(run(fused=True), run(fused=False))
 
 
 def test_compiled_layers_compute_the_eager_gradients_on_cuda(tiny_config):
@@ -88,26 +101,9 @@ def test_compiled_layers_compute_the_eager_gradients_on_cuda(tiny_config):
     compiled decoder layers give the eager layers' loss and LoRA gradients. (With torch 2.11 an in-place op on the
     fused function's output made every compiled LoRA gradient zero, on CUDA only: the adapters never trained.)"""
     from qlora.stages.adapters import attach_training_adapters
-    from qlora.stages.model import frozen_weights_dtype, prepare_for_kbit_training
 
-    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    results = {}
-    for compiled in (True, False):
+    def run(compiled):
         config = tiny_config(*GPU_SETTINGS, "lora.dropout=0", f"performance.torch_compile={compiled}")
-        torch.manual_seed(0)
-        model = load_quantized_model(config.model, config.quantization, torch.device("cuda", 0))
-        dtype = frozen_weights_dtype(config.performance, config.quantization)
-        model = attach_training_adapters(prepare_for_kbit_training(model, True, dtype), config)
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.05)
-        model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results[compiled] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-    (loss, grads), (reference_loss, reference) = results[True], results[False]
-    assert loss == pytest.approx(reference_loss, rel=1e-2)
-    for name, grad in reference.items():
-        assert torch.linalg.norm(grad) > 0, name
-        assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name
+        return _loss_and_gradients_on_cuda(config, lambda model: attach_training_adapters(model, config))
+
+    _assert_same_up_to_bf16(run(compiled=True), run(compiled=False))
