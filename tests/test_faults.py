@@ -1,6 +1,7 @@
 """Faults turned into clear errors: signals, NaN/inf steps, out of memory, a full or unwritable disk."""
 
 import errno
+import json
 import math
 import signal
 from pathlib import Path
@@ -59,22 +60,39 @@ def nan_loss_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(SFTTrainer, "compute_loss", with_nan)
 
 
-def test_nan_loss_stops_with_step_checkpoint_and_causes(tiny_config, monkeypatch):
+# the tiny recipe's optimizer, checked before its update, and the fused one (the GPU recipes'), checked a step later
+OPTIMIZERS = ["adamw_torch", "adamw_torch_fused"]
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_nan_loss_stops_with_step_checkpoint_and_causes(tiny_config, monkeypatch, optim):
     nan_loss_at_step(monkeypatch, 3)
     with pytest.raises(QLoRAError) as error:
-        run_training(tiny_config(*FAST, "training.max_steps=4", "training.save_steps=2"))
+        run_training(tiny_config(*FAST, "training.max_steps=4", "training.save_steps=2", f"training.optim={optim}"))
     message = str(error.value)
     assert "training stopped at step 3" in message and "NaN/inf" in message
     assert "checkpoints/checkpoint-2" in message
     assert "float16 overflow" in message and "training.lr" in message and "training.on_nonfinite=skip" in message
 
 
-def test_nan_loss_step_is_skipped_when_asked(tiny_config, monkeypatch):
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_nan_loss_step_is_skipped_when_asked(tiny_config, monkeypatch, optim):
     nan_loss_at_step(monkeypatch, 2)
-    summary = run_training(tiny_config(*FAST, "training.max_steps=3", "training.on_nonfinite=skip"))
+    summary = run_training(tiny_config(*FAST, "training.max_steps=3", "training.on_nonfinite=skip",
+                                       f"training.optim={optim}"))
     weights = load_file(Path(summary.adapter_dir) / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert "step 2: NaN/inf loss or gradients; skipped" in (Path(summary.run_dir) / "train.log").read_text()
+    # transformers keeps the NaN out of the logged losses (skipping runs keep its host check, stopping ones not)
+    rows = [json.loads(line) for line in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if math.isfinite(row["loss"])] == [1, 2, 3]
+
+
+def test_only_a_run_that_skips_nonfinite_steps_reads_every_loss_on_the_host(tiny_config, tmp_path):
+    from qlora.stages.trainer import build_sft_config
+
+    assert build_sft_config(tiny_config("training.on_nonfinite=skip"), tmp_path).logging_nan_inf_filter
+    assert not build_sft_config(tiny_config("training.on_nonfinite=stop"), tmp_path).logging_nan_inf_filter
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
@@ -89,6 +107,51 @@ def test_one_nonfinite_gradient_element_is_caught(tmp_path, bad):
     model[1].bias.grad[1] = bad
     with pytest.raises(QLoRAError, match="training stopped at step 7"):
         guard.on_pre_optimizer_step(args, state, None, model=model)
+
+
+class FusedAdamWSteps:
+    """Optimizer steps of a small model under the guard, with torch's fused AdamW (it takes the verdict itself)."""
+
+    def __init__(self, action: str, tmp_path: Path):
+        self.model = torch.nn.Linear(4, 2)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1, fused=True)
+        self.guard = faults.NonFiniteGuard(action, tmp_path, 0.1)
+        self.args = type("Args", (), {"device": torch.device("cpu")})()
+        self.step = 0
+
+    def take(self, bad: float = 1.0) -> None:
+        for param in self.model.parameters():
+            param.grad = torch.ones_like(param)
+        self.model.bias.grad[1] = bad
+        state = type("State", (), {"global_step": self.step})()
+        self.guard.on_pre_optimizer_step(self.args, state, None, model=self.model, optimizer=self.optimizer)
+        self.optimizer.step()
+        self.step += 1
+
+    def snapshot(self) -> list[torch.Tensor]:
+        state = [t for s in self.optimizer.state.values() for t in s.values()]
+        return [t.detach().clone() for t in [*self.model.parameters(), *state]]
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_with_a_fused_optimizer_a_nonfinite_update_is_skipped_and_stops_the_run_a_step_later(tmp_path, bad):
+    steps = FusedAdamWSteps("stop", tmp_path)
+    steps.take()
+    before = steps.snapshot()
+    steps.take(bad)  # the host has not waited for the verdict: no error yet, but the optimizer skipped the update
+    assert all(torch.equal(a, b) for a, b in zip(before, steps.snapshot()))  # weights, moments and step count
+    with pytest.raises(QLoRAError, match="training stopped at step 2: .*weights were not updated"):
+        steps.guard.on_train_end(steps.args, None, None)  # or the next step's check, whichever comes first
+
+
+def test_with_a_fused_optimizer_skipped_steps_are_counted_and_training_goes_on(tmp_path):
+    steps = FusedAdamWSteps("skip", tmp_path)
+    steps.take()
+    steps.take(math.nan)
+    before = steps.snapshot()
+    steps.take()
+    assert steps.guard.skipped_steps == [2]
+    assert not torch.equal(before[0], steps.model.weight) and torch.isfinite(steps.model.weight).all()
 
 
 def test_out_of_memory_names_the_stage_and_the_fix(tiny_config, monkeypatch):

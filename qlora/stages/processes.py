@@ -65,13 +65,11 @@ def on_main_process(state: PartialState, action: Callable[[], T]) -> Optional[T]
     return result
 
 
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True on every process when `flag` is true on at least one (an all-reduce of one number)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+def max_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The elementwise largest of `value` over all processes, in place on its device: nothing waits for it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return value
 
 
 def largest_on_any_process(number: int, device: torch.device) -> int:
