@@ -85,6 +85,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-context", action="store_true", help="double the sequence at batch 1 until OOM")
     parser.add_argument("--max-context-limit", type=int, default=1 << 20)
     parser.add_argument("--profile", action="store_true", help="write a torch profiler table of one step")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="write where the host's (Python's) time goes in the last steps (cProfile)")
     parser.add_argument("--out", default=None, help="folder for benchmark.md/json (default: a temp folder)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
@@ -104,6 +106,7 @@ def spawn_worker(recipe: str, checkpoint: Path, args: argparse.Namespace, out: P
                "--data", args.data, "--out", str(out)]
     command += ["--recipe", args.recipe] if args.recipe else []
     command += [f"--override={o}" for o in args.override] + (["--profile"] if args.profile else [])
+    command += ["--host-profile"] if args.host_profile else []
     print(f"== {recipe}: batch {batch} x {seq} tokens", flush=True)
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     done = subprocess.run(command, env={**os.environ, "PYTHONPATH": pythonpath})
@@ -144,6 +147,9 @@ def run_worker(args: argparse.Namespace) -> dict:
     trainer = build_trainer(dataset)
     timer = StepTimer(device)
     trainer.add_callback(timer)
+    recorded_losses = record_losses(trainer)
+    if args.host_profile:
+        trainer.add_callback(HostProfile(args.steps, Path(args.out) / f"host-profile-{args.worker}.txt"))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -153,17 +159,17 @@ def run_worker(args: argparse.Namespace) -> dict:
             trainer.train()
     except torch.OutOfMemoryError as error:
         return {"recipe": args.worker, "batch": args.batch, "seq": args.seq, "error": f"out of memory: {error}"[:300]}
-    step_seconds = timer.seconds[args.warmup:] or timer.seconds
-    median = statistics.median(step_seconds)
+    all_steps = timer.seconds
+    median = statistics.median(all_steps[args.warmup:] or all_steps)
     tokens_per_s = args.batch * args.seq / median
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = [loss.item() for loss in recorded_losses]
     return {
         "recipe": args.worker,
         "batch": args.batch,
         "seq": args.seq,
         "tokens_per_s": tokens_per_s,
         "median_step_s": median,
-        "step_seconds": timer.seconds,
+        "step_seconds": all_steps,
         "peak_gib": _peak_gib(device),
         "load_s": load_seconds,
         "load_peak_gib": load_peak,
@@ -196,7 +202,7 @@ def plain_recipe(args: argparse.Namespace, device: str):
         sft = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                         gradient_accumulation_steps=1, max_steps=args.steps, **SHARED_HYPERPARAMETERS,
                         gradient_checkpointing=True, optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
-                        bf16=dtype == torch.bfloat16, max_length=args.seq, packing=False, logging_steps=1,
+                        bf16=dtype == torch.bfloat16, max_length=args.seq, packing=False, logging_steps=args.steps,
                         save_strategy="no", report_to="none", seed=0, data_seed=0)
         return SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer)
 
@@ -220,7 +226,8 @@ def qlora_recipe(args: argparse.Namespace, device: str):
     config = compose_config([
         f"+recipe={recipe}", f"model.name_or_path={args.checkpoint}", f"training.output_dir={run_dir}",
         f"training.batch_size={args.batch}", "training.grad_accum=1", f"training.max_steps={args.steps}",
-        "training.logging_steps=1", "training.save_steps=0", "training.seed=0", f"data.max_length={args.seq}",
+        f"training.logging_steps={args.steps}", "training.save_steps=0", "training.seed=0",
+        f"data.max_length={args.seq}",
         f"lora.dropout={args.lora_dropout}", "lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear",
         f"training.lr={SHARED_HYPERPARAMETERS['learning_rate']}",
         f"training.scheduler={SHARED_HYPERPARAMETERS['lr_scheduler_type']}",
@@ -287,22 +294,72 @@ def flops_per_token(config, seq: int) -> float:
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, synchronised with the GPU."""
+    """Time of each optimizer step: between step ends, as the GPU reaches them (CUDA events), on the CPU the wall.
+
+    Nothing here waits for the GPU: a sync at every step would keep the host from queueing the next step while
+    the GPU finishes this one, which is not how training runs.
+    """
 
     def __init__(self, device: str):
-        self.device, self.seconds, self._start = device, [], 0.0
+        self.device, self._marks = device, []
 
-    def on_step_begin(self, *_, **__):
-        self._sync()
-        self._start = time.perf_counter()
+    def on_train_begin(self, *_, **__):
+        self._mark()
 
     def on_step_end(self, *_, **__):
-        self._sync()
-        self.seconds.append(time.perf_counter() - self._start)
+        self._mark()
 
-    def _sync(self) -> None:
+    def _mark(self) -> None:
+        if self.device == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(time.perf_counter())
+
+    @property
+    def seconds(self) -> list[float]:
         if self.device == "cuda":
             torch.cuda.synchronize()
+            return [start.elapsed_time(end) / 1000 for start, end in zip(self._marks, self._marks[1:])]
+        return [end - start for start, end in zip(self._marks, self._marks[1:])]
+
+
+def record_losses(trainer) -> list[torch.Tensor]:
+    """Each step's loss, kept on the device: logging every step would read it on the host (a sync) each step."""
+    losses = []
+    training_step = trainer.training_step
+
+    def recorded(*args, **kwargs):
+        loss = training_step(*args, **kwargs)
+        losses.append(loss.detach())
+        return loss
+
+    trainer.training_step = recorded
+    return losses
+
+
+class HostProfile(TrainerCallback):
+    """cProfile over the last three steps: the Python functions the host spends its time in (the GPU profiler
+    shows where the GPU waits, not what the host was doing meanwhile)."""
+
+    def __init__(self, steps: int, path: Path):
+        import cProfile
+
+        self.first, self.path, self.profiler = max(steps - 2, 1), path, cProfile.Profile()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.first:
+            self.profiler.enable()
+
+    def on_train_end(self, *_, **__):
+        import io
+        import pstats
+
+        self.profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(self.profiler, stream=text).sort_stats("cumulative").print_stats(80)
+        self.path.write_text(text.getvalue())
 
 
 def profile_one_step(trainer, path: Path) -> None:

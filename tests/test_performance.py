@@ -181,7 +181,7 @@ def test_fused_lora_in_bf16_under_autocast(tiny_config):
     loss, grads = _loss_and_gradients(_lora_model(config, fused=True), autocast=True)
     reference_loss, reference = _loss_and_gradients(_lora_model(config, fused=False), autocast=True)
     assert loss == pytest.approx(reference_loss, rel=1e-2)
-    for name, grad in reference.items():  # bf16 rounding: the fused add rounds once where peft rounds thrice
+    for name, grad in reference.items():  # bf16 rounding: the fused layer rounds twice where peft rounds thrice
         assert torch.linalg.norm(grads[name] - grad) <= 0.05 * torch.linalg.norm(grad), name
 
 
@@ -264,7 +264,9 @@ def test_benchmark_runs_both_recipes_on_the_cpu(tmp_path):
 
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
     plain, ours = (next(r for r in rows if r["recipe"] == name) for name in ("plain", "qlora"))
-    assert len(plain["losses"]) == len(ours["losses"]) == 3
+    # losses recorded at every step although the trainers log only at the last one (a host read per step would
+    # synchronise with the GPU); one time per step
+    assert len(plain["losses"]) == len(ours["losses"]) == len(ours["step_seconds"]) == 3
     # the same data, seed and LoRA initialisation: the same function, so the same first loss
     assert ours["losses"][0] == pytest.approx(plain["losses"][0], rel=0.01)
     assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
