@@ -5,12 +5,16 @@ peft computes base(x) + lora_B(lora_A(dropout(x))) * scaling module by module: t
 dropout output is saved for the backward pass beside its mask, and every piece is a Python call, in the
 forward pass, in its recomputation under gradient checkpointing and in the backward pass. Here:
 
-    forward   y = x W^T (bitsandbytes' gemm_4bit) + scaling * (dropout(x) A^T) B^T   (one addmm)
+    forward   y = x W^T (bitsandbytes' gemm_4bit) + scaling * (dropout(x) A^T) B^T
     backward  dx = dy W + dropout'((scaling * dy B) A)
               dA = (scaling * dy B)^T dropout(x);  dB = scaling * dy^T (dropout(x) A^T)
 
 The same function, fewer kernels and Python calls; dropout keeps only its 1-byte mask (the input is saved once,
-shared by the layers that read it). The base weight is dequantized again in the backward pass, as
+shared by the layers that read it). The function returns the base output and the LoRA term apart, and the layer
+adds them: under torch.compile that add fuses into whatever reads the layer's output next (RoPE, SwiGLU, the
+residual add), where adding inside the function would cost a pass over the output of its own (an addmm into a
+new tensor first copies the base output there; in place, torch 2.11's compile makes every LoRA gradient zero,
+pytorch/pytorch#180642). The base weight is dequantized again in the backward pass, as
 bitsandbytes does, so nothing of its size is kept.
 
 Under gradient checkpointing a layer's saved tensors live only from its recomputation to its backward pass, which
@@ -67,8 +71,10 @@ def fused_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     keep = layer.qlora_keep_for_backward and torch.is_grad_enabled()
-    y = LoRA4bitLinear.apply(flat, layer.lora_A[adapter].weight.to(dtype), layer.lora_B[adapter].weight.to(dtype),
-                             base.weight, quant_state, layer.scaling[adapter], p, keep)
+    y, lora = LoRA4bitLinear.apply(flat, layer.lora_A[adapter].weight.to(dtype),
+                                   layer.lora_B[adapter].weight.to(dtype), base.weight, quant_state,
+                                   layer.scaling[adapter], p, keep)
+    y = y + lora
     if base.bias is not None:
         y = y + base.bias.to(dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -95,8 +101,9 @@ def fusable(layer: nn.Module) -> bool:
 
 
 class LoRA4bitLinear(torch.autograd.Function):
-    """y = x W^T + scaling * (dropout(x) A^T) B^T for a 4-bit W; x is 2-D and in the compute dtype. `keep`: save
-    the dequantized W and dropout(x) for the backward pass instead of dequantizing and masking again there."""
+    """x W^T and scaling * (dropout(x) A^T) B^T for a 4-bit W, whose sum is the LoRA layer's output; x is 2-D and
+    in the compute dtype. `keep`: save the dequantized W and dropout(x) for the backward pass instead of
+    dequantizing and masking again there."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, keep: bool):
@@ -104,31 +111,29 @@ class LoRA4bitLinear(torch.autograd.Function):
         y = x @ dequantized.t() if keep else _base_matmul(x, weight, quant_state)
         x_dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
         xa = x_dropped @ lora_a.t()
-        # out of place: under torch.compile (torch 2.11) an in-place op on the returned tensor sends its gradient
-        # to the wrong output and every LoRA gradient comes out zero (pytorch/pytorch#180642; measured on an H100)
-        y = torch.addmm(y, xa, lora_b.t(), alpha=scaling)
+        lora = (xa * scaling) @ lora_b.t()
         ctx.save_for_backward(x_dropped if keep else x, mask, xa, lora_a, lora_b, dequantized)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
-        return y
+        return y, lora
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dy_lora):  # both the layer output's gradient: the layer adds the two outputs
         x, mask, xa, lora_a, lora_b, dequantized = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        dxa = dy @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
+        dy, dy_lora = dy.to(x.dtype), dy_lora.to(x.dtype)
+        dxa = dy_lora @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
         dx = da = db = None
         if ctx.needs_input_grad[0]:
             weight = dequantized if dequantized is not None else _dequantize(ctx.weight, ctx.quant_state, dy.dtype)
-            if mask is None:
-                dx = torch.addmm(dy @ weight, dxa, lora_a)
-            else:
-                dx = dy @ weight + torch.ops.aten.native_dropout_backward(dxa @ lora_a, mask, ctx.keep_scale)
+            dx_lora = dxa @ lora_a
+            if mask is not None:
+                dx_lora = torch.ops.aten.native_dropout_backward(dx_lora, mask, ctx.keep_scale)
+            dx = dy @ weight + dx_lora
         if ctx.needs_input_grad[1]:
             dropped = mask is None or dequantized is not None  # `keep` saved dropout(x) in x's place
             x_dropped = x if dropped else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
             da = dxa.t() @ x_dropped
         if ctx.needs_input_grad[2]:
-            db = dy.t() @ (xa * ctx.scaling)
+            db = dy_lora.t() @ (xa * ctx.scaling)
         return dx, da, db, None, None, None, None, None
 
 
