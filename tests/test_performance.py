@@ -166,6 +166,39 @@ def test_reused_recomputed_weights_save_a_dequantization_and_compute_the_same(ti
         assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape", [(256, 192), (301, 191)])  # the second: a partial last block, an odd count
+def test_dequantizing_in_torch_is_bitsandbytes_dequantization(quant_type, nested, shape):
+    import bitsandbytes.functional as bnb_functional
+
+    from qlora.stages.fused_lora import dequantize_in_torch
+
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type=quant_type,
+                                                 compress_statistics=nested)
+    assert torch.equal(dequantize_in_torch(packed, state), bnb_functional.dequantize_4bit(packed, state))
+
+
+def test_compiled_layers_dequantize_in_torch_ops(tiny_config):
+    """In a compiled region the fused function dequantizes in torch ops, which Inductor compiles with the rest of
+    the layer; bitsandbytes' ops stay out of the graph."""
+    import bitsandbytes.functional as bnb_functional
+
+    from qlora.stages.fused_lora import _dequantize
+
+    packed, state = bnb_functional.quantize_4bit(torch.randn(128, 64), blocksize=64, compress_statistics=True)
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(str(graph_module.graph))
+        return graph_module.forward
+
+    compiled = torch.compile(lambda: _dequantize(packed, state, torch.bfloat16), backend=capture, fullgraph=True)
+    assert torch.equal(compiled(), _dequantize(packed, state, torch.bfloat16))
+    assert len(graphs) == 1 and "bitsandbytes" not in graphs[0]
+
+
 def test_reusing_recomputed_weights_needs_gradient_checkpointing(tiny_config):
     """Without checkpointing nothing frees what the layers keep: all the dequantized weights would stay."""
     from qlora.stages.fused_lora import keeps_recomputed_tensors

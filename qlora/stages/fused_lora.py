@@ -138,7 +138,10 @@ class LoRA4bitLinear(torch.autograd.Function):
 
 
 def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Tensor:
-    """x W^T through bitsandbytes' own op, with its double-quantized statistics, as its Linear4bit does."""
+    """x W^T through bitsandbytes' own op, with its double-quantized statistics, as its Linear4bit does; in a
+    compiled layer from the weight dequantized in torch ops (see _dequantize)."""
+    if torch.compiler.is_compiling():
+        return x @ _dequantize(weight, quant_state, x.dtype).t()
     packed = weight.view(-1, 1)
     if not quant_state.nested:
         return torch.ops.bitsandbytes.gemm_4bit.default(x, packed, quant_state.shape, quant_state.absmax,
@@ -150,7 +153,11 @@ def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Te
 
 
 def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """W in `dtype`, through the same bitsandbytes ops as gemm_4bit dequantizes with."""
+    """W in `dtype`: through the same bitsandbytes ops as gemm_4bit dequantizes with, or in a compiled layer in
+    torch ops (dequantize_in_torch), which Inductor fuses into one kernel launched from its own code; bitsandbytes'
+    ops are Python functions reached through the dispatcher, two kernels and host time for every weight."""
+    if torch.compiler.is_compiling():
+        return dequantize_in_torch(weight, quant_state).to(dtype)
     absmax = quant_state.absmax
     if quant_state.nested:
         state2 = quant_state.state2
@@ -159,3 +166,19 @@ def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.
         absmax = absmax + quant_state.offset
     return torch.ops.bitsandbytes.dequantize_4bit.default(weight.view(-1, 1), absmax, quant_state.blocksize,
                                                           quant_state.quant_type, quant_state.shape, dtype)
+
+
+def dequantize_in_torch(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization in torch ops, in float32: code[q] * absmax of the q's block, two 4-bit
+    codes per byte (high nibble first), the absmax itself 8-bit-quantized in blocks (double quantization) plus an
+    offset. What bitsandbytes' kernels compute, in the same float32 operations."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        state2 = quant_state.state2
+        blocks = state2.absmax.repeat_interleave(state2.blocksize)[: absmax.numel()]
+        absmax = state2.code[absmax.int()] * blocks + quant_state.offset
+    count = quant_state.shape.numel()
+    packed = weight.view(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1)[:count]
+    values = quant_state.code[codes.int()] * absmax.repeat_interleave(quant_state.blocksize)[:count]
+    return values.view(quant_state.shape)
