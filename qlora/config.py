@@ -168,7 +168,8 @@ class PerformanceConfig:
     # false casts the frozen ones back to quantization.compute_dtype: half their memory, no per-step casts
     frozen_weights_float32: bool = False
     # each LoRA layer over a 4-bit base as one autograd function (qlora/stages/fused_lora.py): the scaled LoRA
-    # product added to the base output by one addmm (peft: a clone, a scale and an add), dropout saving its mask
+    # product beside the base output, added by one add that compiled layers fuse into the next kernel (peft: a
+    # clone, a scale and an add), dropout saving its mask
     fused_lora: bool = True
     # under gradient checkpointing, the fused LoRA layers' recomputed forward keeps each dequantized 4-bit weight
     # and dropout output for the backward pass that follows at once (qlora/stages/fused_lora.py): no second
@@ -182,6 +183,10 @@ class PerformanceConfig:
     # per layer, which the host-bound eager step needs most. Excludes liger_kernel; generation runs uncompiled;
     # not under FSDP (unmeasured there). Costs a compilation at the first step (~20 s for a 7B on an H100).
     torch_compile: bool = True
+    # with torch_compile and fused_lora: the compiled layers dequantize the 4-bit weights in torch ops, which
+    # Inductor fuses into one kernel per weight launched from its own code, instead of calling bitsandbytes' two
+    # kernels through Python; the same values (bit-identical on the CPU)
+    compiled_dequantize: bool = True
 
 
 @dataclass

@@ -22,12 +22,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def test_schema_defaults_are_on_and_off_turns_every_switch_off(tiny_config):
     fast = tiny_config("+recipe=llama7b").performance
-    assert fast.torch_compile and fast.fused_lora and fast.reuse_recomputed_weights
+    assert fast.torch_compile and fast.fused_lora and fast.reuse_recomputed_weights and fast.compiled_dequantize
     assert not fast.frozen_weights_float32 and not fast.liger_kernel  # Inductor fuses what Liger would
     assert not tiny_config().performance.torch_compile  # the CPU recipe: compiling would take as long as training
     off = tiny_config("performance=off").performance
     assert not off.liger_kernel and off.frozen_weights_float32 and not off.fused_lora
     assert not off.reuse_recomputed_weights and not off.activation_offloading and not off.torch_compile
+    assert not off.compiled_dequantize
 
 
 def _prepared(config):
@@ -180,9 +181,10 @@ def test_dequantizing_in_torch_is_bitsandbytes_dequantization(quant_type, nested
     assert torch.equal(dequantize_in_torch(packed, state), bnb_functional.dequantize_4bit(packed, state))
 
 
-def test_compiled_layers_dequantize_in_torch_ops(tiny_config):
-    """In a compiled region the fused function dequantizes in torch ops, which Inductor compiles with the rest of
-    the layer; bitsandbytes' ops stay out of the graph."""
+@pytest.mark.parametrize("in_torch", [True, False])
+def test_compiled_layers_dequantize_in_torch_ops_when_switched_on(in_torch):
+    """performance.compiled_dequantize: in a compiled region the fused function dequantizes in torch ops, which
+    Inductor compiles with the rest of the layer; switched off, bitsandbytes' ops are in the graph."""
     import bitsandbytes.functional as bnb_functional
 
     from qlora.stages.fused_lora import _dequantize
@@ -194,9 +196,24 @@ def test_compiled_layers_dequantize_in_torch_ops(tiny_config):
         graphs.append(str(graph_module.graph))
         return graph_module.forward
 
-    compiled = torch.compile(lambda: _dequantize(packed, state, torch.bfloat16), backend=capture, fullgraph=True)
-    assert torch.equal(compiled(), _dequantize(packed, state, torch.bfloat16))
-    assert len(graphs) == 1 and "bitsandbytes" not in graphs[0]
+    compiled = torch.compile(lambda: _dequantize(packed, state, torch.bfloat16, in_torch), backend=capture,
+                             fullgraph=True)
+    assert torch.equal(compiled(), _dequantize(packed, state, torch.bfloat16, False))
+    assert len(graphs) == 1 and ("bitsandbytes" in graphs[0]) != in_torch
+
+
+@pytest.mark.parametrize("switch", ["true", "false"])
+def test_compiled_dequantize_switch_reaches_the_compiled_layers(tiny_config, switch):
+    from qlora.stages.adapters import attach_training_adapters
+
+    config = tiny_config("performance.torch_compile=true", f"performance.compiled_dequantize={switch}")
+    model = load_quantized_model(config.model, config.quantization, CPU)
+    model = attach_training_adapters(model, config)
+    flags = {m.qlora_dequantize_in_torch for m in model.modules() if hasattr(m, "qlora_dequantize_in_torch")}
+    assert flags == {switch == "true"}
+    eager = attach_training_adapters(load_quantized_model(config.model, config.quantization, CPU),
+                                     tiny_config("performance.torch_compile=false"))
+    assert {m.qlora_dequantize_in_torch for m in eager.modules() if hasattr(m, "qlora_dequantize_in_torch")} == {False}
 
 
 def test_reusing_recomputed_weights_needs_gradient_checkpointing(tiny_config):

@@ -14,11 +14,12 @@ from qlora.stages.model import compile_decoder_layers
 log = logging.getLogger(__name__)
 
 
-def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False,
-                keep_for_backward: bool = False) -> peft.PeftModel:
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False, keep_for_backward: bool = False,
+                dequantize_in_torch: bool = False) -> peft.PeftModel:
     """peft's LoRA adapters from the lora group; `fused` (performance.fused_lora) routes the layers over 4-bit
     weights through qlora's fused LoRA function, `keep_for_backward` (performance.reuse_recomputed_weights, under
-    gradient checkpointing only) lets it keep its dequantized weights for the backward pass."""
+    gradient checkpointing only) lets it keep its dequantized weights for the backward pass, `dequantize_in_torch`
+    (performance.compiled_dequantize) lets compiled layers dequantize in torch ops."""
     peft_config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -32,7 +33,7 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False,
     )
     model = peft.get_peft_model(model, peft_config)
     if fused:
-        fused_layers = fuse_lora_layers(model, keep_for_backward)
+        fused_layers = fuse_lora_layers(model, keep_for_backward, dequantize_in_torch)
         log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fused_layers)
     return model
 
@@ -42,8 +43,10 @@ def attach_training_adapters(model: PreTrainedModel, config: TrainConfig,
     """The adapters as a run trains them, with the performance switches that act on the layers: the fused LoRA
     function (and its reuse of recomputed weights) and the compiled decoder layers. Under FSDP (`sharded`) neither
     applies: FSDP flattens the 4-bit weights the fused function reads, and neither is measured there."""
+    performance = config.performance
     model = attach_lora(model, config.lora, fused=fused_lora(config) and not sharded,
-                        keep_for_backward=keeps_recomputed_tensors(config))
-    if config.performance.torch_compile and not sharded:
+                        keep_for_backward=keeps_recomputed_tensors(config),
+                        dequantize_in_torch=performance.torch_compile and performance.compiled_dequantize)
+    if performance.torch_compile and not sharded:
         log.info("performance.torch_compile: %d decoder layers compiled", compile_decoder_layers(model))
     return model

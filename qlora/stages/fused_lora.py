@@ -46,17 +46,19 @@ def keeps_recomputed_tensors(config: TrainConfig) -> bool:
             and config.training.gradient_checkpointing)
 
 
-def fuse_lora_layers(model: nn.Module, keep_for_backward: bool = False) -> int:
+def fuse_lora_layers(model: nn.Module, keep_for_backward: bool = False, dequantize_in_torch: bool = False) -> int:
     """Route every peft LoRA layer over a bitsandbytes 4-bit layer through the fused function; returns how
     many. A layer falls back to peft's own forward whenever the fused one does not apply (see fusable).
     `keep_for_backward`: a forward pass with gradients keeps the dequantized weight and the dropout output for
-    the backward pass; only for layers run under gradient checkpointing, which frees them (module docstring)."""
+    the backward pass; only for layers run under gradient checkpointing, which frees them (module docstring).
+    `dequantize_in_torch`: inside a compiled region, dequantize in torch ops (performance.compiled_dequantize)."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     layers = [module for module in model.modules() if isinstance(module, LoraLinear4bit)]
     for layer in layers:
         layer.forward = types.MethodType(fused_forward, layer)
         layer.qlora_keep_for_backward = keep_for_backward
+        layer.qlora_dequantize_in_torch = dequantize_in_torch
     return len(layers)
 
 
@@ -71,9 +73,10 @@ def fused_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     keep = layer.qlora_keep_for_backward and torch.is_grad_enabled()
+    in_torch = layer.qlora_dequantize_in_torch and torch.compiler.is_compiling()
     y, lora = LoRA4bitLinear.apply(flat, layer.lora_A[adapter].weight.to(dtype),
                                    layer.lora_B[adapter].weight.to(dtype), base.weight, quant_state,
-                                   layer.scaling[adapter], p, keep)
+                                   layer.scaling[adapter], p, keep, in_torch)
     y = y + lora
     if base.bias is not None:
         y = y + base.bias.to(dtype)
@@ -103,17 +106,18 @@ def fusable(layer: nn.Module) -> bool:
 class LoRA4bitLinear(torch.autograd.Function):
     """x W^T and scaling * (dropout(x) A^T) B^T for a 4-bit W, whose sum is the LoRA layer's output; x is 2-D and
     in the compute dtype. `keep`: save the dequantized W and dropout(x) for the backward pass instead of
-    dequantizing and masking again there."""
+    dequantizing and masking again there; `in_torch`: dequantize in torch ops (see _dequantize)."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, keep: bool):
-        dequantized = _dequantize(weight, quant_state, x.dtype) if keep else None
-        y = x @ dequantized.t() if keep else _base_matmul(x, weight, quant_state)
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, keep: bool, in_torch: bool):
+        dequantized = _dequantize(weight, quant_state, x.dtype, in_torch) if keep else None
+        y = x @ dequantized.t() if keep else _base_matmul(x, weight, quant_state, in_torch)
         x_dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
         xa = x_dropped @ lora_a.t()
         lora = (xa * scaling) @ lora_b.t()
         ctx.save_for_backward(x_dropped if keep else x, mask, xa, lora_a, lora_b, dequantized)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
+        ctx.in_torch = in_torch
         return y, lora
 
     @staticmethod
@@ -123,7 +127,10 @@ class LoRA4bitLinear(torch.autograd.Function):
         dxa = dy_lora @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            weight = dequantized if dequantized is not None else _dequantize(ctx.weight, ctx.quant_state, dy.dtype)
+            if dequantized is not None:
+                weight = dequantized
+            else:
+                weight = _dequantize(ctx.weight, ctx.quant_state, dy.dtype, ctx.in_torch)
             dx_lora = dxa @ lora_a
             if mask is not None:
                 dx_lora = torch.ops.aten.native_dropout_backward(dx_lora, mask, ctx.keep_scale)
@@ -134,14 +141,14 @@ class LoRA4bitLinear(torch.autograd.Function):
             da = dxa.t() @ x_dropped
         if ctx.needs_input_grad[2]:
             db = dy_lora.t() @ (xa * ctx.scaling)
-        return dx, da, db, None, None, None, None, None
+        return dx, da, db, None, None, None, None, None, None
 
 
-def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Tensor:
-    """x W^T through bitsandbytes' own op, with its double-quantized statistics, as its Linear4bit does; in a
-    compiled layer from the weight dequantized in torch ops (see _dequantize)."""
-    if torch.compiler.is_compiling():
-        return x @ _dequantize(weight, quant_state, x.dtype).t()
+def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state, in_torch: bool) -> torch.Tensor:
+    """x W^T through bitsandbytes' own op, with its double-quantized statistics, as its Linear4bit does, or
+    from the weight dequantized in torch ops (`in_torch`, see _dequantize)."""
+    if in_torch:
+        return x @ _dequantize(weight, quant_state, x.dtype, in_torch).t()
     packed = weight.view(-1, 1)
     if not quant_state.nested:
         return torch.ops.bitsandbytes.gemm_4bit.default(x, packed, quant_state.shape, quant_state.absmax,
@@ -152,11 +159,12 @@ def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state) -> torch.Te
     )
 
 
-def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """W in `dtype`: through the same bitsandbytes ops as gemm_4bit dequantizes with, or in a compiled layer in
-    torch ops (dequantize_in_torch), which Inductor fuses into one kernel launched from its own code; bitsandbytes'
-    ops are Python functions reached through the dispatcher, two kernels and host time for every weight."""
-    if torch.compiler.is_compiling():
+def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype, in_torch: bool) -> torch.Tensor:
+    """W in `dtype`: through the same bitsandbytes ops as gemm_4bit dequantizes with, or (`in_torch`, only in a
+    compiled layer: eager it would be many kernels) in torch ops, which Inductor fuses into one kernel launched
+    from its own code; bitsandbytes' ops are Python functions reached through the dispatcher, two kernels and
+    host time for every weight."""
+    if in_torch:
         return dequantize_in_torch(weight, quant_state).to(dtype)
     absmax = quant_state.absmax
     if quant_state.nested:
