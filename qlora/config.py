@@ -168,7 +168,7 @@ class PerformanceConfig:
     # false casts the frozen ones back to quantization.compute_dtype: half their memory, no per-step casts
     frozen_weights_float32: bool = False
     # each LoRA layer over a 4-bit base as one autograd function (qlora/stages/fused_lora.py): the scaled LoRA
-    # product beside the base output, added by one add that compiled layers fuse into the next kernel (peft: a
+    # product beside the base output, added by one add that Inductor may fuse into the next kernel (peft: a
     # clone, a scale and an add), dropout saving its mask
     fused_lora: bool = True
     # under gradient checkpointing, the fused LoRA layers' recomputed forward keeps each dequantized 4-bit weight
