@@ -27,7 +27,7 @@ from qlora.errors import TrainingInterrupted
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
-from qlora.stages.faults import NonFiniteGuard, StopOnSignal, check_free_space, out_of_memory_error
+from qlora.stages.faults import check_free_space, out_of_memory_error, step_callbacks
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
 from qlora.stages.memory import expected_training_peak
 from qlora.stages.model import (
@@ -100,8 +100,7 @@ def run_training(config: TrainConfig) -> RunSummary:
         with stage("held-out check (before)", seconds):
             before = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
         _log_exact_match("before training", before)
-    stop = StopOnSignal()
-    guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr)
+    stop, guard = step_callbacks(config, run_dir)
     with stage("trainer", seconds):
         callbacks = [stop, guard]
         if heldout is not None and config.eval.during_training:

@@ -215,7 +215,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
 
     from qlora.config import compose_config
     from qlora.stages.adapters import attach_training_adapters
-    from qlora.stages.faults import NonFiniteGuard, StopOnSignal
+    from qlora.stages.faults import step_callbacks
     from qlora.stages.model import (fit_embeddings_to_tokenizer, frozen_weights_dtype, load_quantized_model,
                                     load_tokenizer, prepare_for_kbit_training)
     from qlora.stages.trainer import build_trainer as build_qlora_trainer
@@ -243,9 +243,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
                                       frozen_weights_dtype(config.performance, config.quantization))
     set_seed(0)  # the same LoRA initialisation as the plain recipe
     model = attach_training_adapters(model, config)
-    # every run's per-step callbacks (qlora.pipeline): the NaN/inf guard checks the gradients before each update
-    guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr)
-    callbacks = [StopOnSignal(), guard]
+    callbacks = list(step_callbacks(config, run_dir))  # every run's, as in qlora.pipeline
     return (lambda dataset: build_qlora_trainer(config, model, tokenizer, dataset, run_dir, callbacks=callbacks)), model
 
 

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 from transformers import TrainerCallback
 
+from qlora.config import TrainConfig
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import newest_checkpoint
 from qlora.stages.processes import largest_on_any_process, max_over_processes
@@ -150,6 +151,13 @@ class NonFiniteGuard(TrainerCallback):
             f"it), a learning rate too high (training.lr={self.lr}; try a tenth), or a broken data row. "
             f"Resume with training.resume=auto after the fix, or set training.on_nonfinite=skip to skip such steps."
         )
+
+
+def step_callbacks(config: TrainConfig, run_dir: Path) -> tuple[StopOnSignal, NonFiniteGuard]:
+    """Every run's per-step callbacks (the pipeline's and the benchmark's): stop at a signal, check the gradients
+    before each update."""
+    guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr)
+    return StopOnSignal(), guard
 
 
 def out_of_memory_error(stage_name: str) -> QLoRAError:
