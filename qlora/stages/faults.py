@@ -112,13 +112,10 @@ class NonFiniteGuard(TrainerCallback):
                 self._act(step, optimizer)
             return
         optimizer.found_inf = nonfinite
-        copied = None
-        if nonfinite.is_cuda:
-            verdict = nonfinite.to("cpu", non_blocking=True)  # into pinned memory, valid once `copied` is reached
-            copied = torch.cuda.Event()
+        verdict = nonfinite.to("cpu", non_blocking=True)  # from a GPU into pinned memory, valid once `copied` is
+        copied = torch.cuda.Event() if nonfinite.is_cuda else None  # reached; on the CPU the tensor itself
+        if copied is not None:
             copied.record()
-        else:
-            verdict = nonfinite.clone()
         self._unread = (step, verdict, copied)
 
     def on_train_end(self, args, state, control, **kwargs):
