@@ -305,20 +305,6 @@ def with_default_recipe(overrides: list[str]) -> list[str]:
     return [*overrides, f"+recipe={DEFAULT_RECIPE}"]
 
 
-def compose_config(overrides: list[str]) -> TrainConfig:
-    """Compose and validate a config exactly as `python -m qlora.train OVERRIDES` does."""
-    from hydra import compose, initialize_config_dir
-
-    from qlora.validation import validate  # it imports this module
-
-    register_configs()
-    with initialize_config_dir(str(configs_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=with_default_recipe(overrides))
-    config = typed_config(cfg)
-    validate(config)
-    return config
-
-
 def configs_dir() -> Path:
     return _shipped_dir("configs")
 

@@ -213,7 +213,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
     """qlora's own stages, in the pipeline's order, from the composed recipe."""
     from transformers import set_seed
 
-    from qlora.config import compose_config
+    from qlora.compose import compose_config
     from qlora.stages.adapters import attach_training_adapters
     from qlora.stages.faults import step_callbacks
     from qlora.stages.model import (fit_embeddings_to_tokenizer, frozen_weights_dtype, load_quantized_model,

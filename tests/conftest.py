@@ -10,7 +10,8 @@ from typing import Callable
 
 import pytest
 
-from qlora.config import TrainConfig, compose_config
+from qlora.config import TrainConfig
+from qlora.compose import compose_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "benchmarks"))
 
 from plan_accuracy import PeakMemory  # noqa: E402
-from qlora.config import compose_config  # noqa: E402
+from qlora.compose import compose_config  # noqa: E402
 from qlora.plan import plan_memory  # noqa: E402
 from qlora.stages.model import load_quantized_model  # noqa: E402
 

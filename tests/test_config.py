@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config import compose_config, recipes_dir, schema_keys
+from qlora.config import recipes_dir, schema_keys
+from qlora.compose import compose_config
 from qlora.errors import QLoRAError
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))

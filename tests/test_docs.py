@@ -20,7 +20,8 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
 from conftest import REPO_ROOT
-from qlora.config import ASSETS_DIR, compose_config, configs_dir, register_configs, typed_config
+from qlora.config import ASSETS_DIR, configs_dir, register_configs, typed_config
+from qlora.compose import compose_config
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 

@@ -8,7 +8,8 @@ import torch
 import yaml
 from transformers import AutoTokenizer, set_seed
 
-from qlora.config import ASSETS_DIR, compose_config
+from qlora.config import ASSETS_DIR
+from qlora.compose import compose_config
 from qlora.data import prepare_sft_data
 from qlora.pipeline import run_training
 from qlora.stages.adapters import attach_lora

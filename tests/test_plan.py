@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from qlora.config import compose_config, recipes_dir
+from qlora.config import recipes_dir
+from qlora.compose import compose_config
 from qlora.plan import GiB, largest_batch, load_architecture, longest_sequence, plan_memory
 from qlora.stages.model import load_quantized_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora.config import compose_config
+from qlora.compose import compose_config
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
 from qlora.stages.processes import describe_global_batch

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from qlora.config import ModelConfig, QuantizationConfig, QuantizeConfig, compose_config
+from qlora.config import ModelConfig, QuantizationConfig, QuantizeConfig
+from qlora.compose import compose_config
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
 from qlora.quantize import quantize

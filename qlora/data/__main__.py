@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import datasets
 
-        from qlora.config import compose_config
+        from qlora.compose import compose_config
         from qlora.data.preview import preview
 
         config = compose_config(args.overrides)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from qlora.config import compose_config
+from qlora.compose import compose_config
 from qlora.stages.adapters import attach_lora
 from qlora.stages.model import load_quantized_model, prepare_for_kbit_training
 

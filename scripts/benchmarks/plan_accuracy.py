@@ -30,7 +30,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from make_random_checkpoint import random_checkpoint
-from qlora.config import ASSETS_DIR, compose_config
+from qlora.config import ASSETS_DIR
+from qlora.compose import compose_config
 from qlora.plan import GiB, plan_memory
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.model import frozen_weights_dtype, load_quantized_model, load_tokenizer, prepare_for_kbit_training

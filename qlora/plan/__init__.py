@@ -314,12 +314,3 @@ def _largest(fits, limit: int) -> int:
 def _bytes(dtype: str) -> int:
     return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
 
-
-def main() -> None:
-    from qlora.plan_report import main as plan_command  # the command line and the printed table
-
-    plan_command()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,7 @@
 """`python -m qlora.plan [+recipe=NAME] [key=value ...] [--gpu-memory 80GiB]`: print the memory plan.
 
+The planner itself is qlora.plan (the package's __init__); this is its command line and printed table.
+
 The same recipe and overrides as `qlora.train`; nothing is loaded but the model's config.json.
 """
 
@@ -120,3 +122,7 @@ def gpu_memory_flag(argv: list[str]) -> list[str]:
 def main() -> None:
     sys.argv[1:] = with_default_recipe(gpu_memory_flag(sys.argv[1:]))
     run_hydra_command("plan", plan_command)
+
+
+if __name__ == "__main__":
+    main()
