@@ -172,11 +172,18 @@ class PerformanceConfig:
     # clone, a scale and an add), dropout saving its mask
     fused_lora: bool = True
     # under gradient checkpointing, the fused LoRA layers' recomputed forward keeps each dequantized 4-bit weight
-    # and dropout output for the backward pass that follows at once (qlora/stages/fused_lora.py): no second
-    # dequantization or masking there, for one decoder layer's weights in the compute dtype (~0.4 GB for a 7B)
+    # for the backward pass that follows at once (qlora/stages/fused_lora.py): no second dequantization there, for
+    # one decoder layer's weights in the compute dtype (~0.4 GB for a 7B)
     reuse_recomputed_weights: bool = True
-    # keep the activations saved for backward in CPU memory (TRL's activation offloading): much longer
-    # sequences fit, at some speed cost
+    # under gradient checkpointing on a GPU, the layer inputs the checkpoints keep (layers x tokens x hidden size)
+    # go to pinned host memory, copied on a stream of their own while the GPU computes, and come back one layer
+    # ahead of the backward pass (qlora/stages/offload.py)
+    offload_checkpoints: bool = True
+    # a micro-batch of more tokens than this runs each decoder layer's MLP in chunks of this many tokens, so that
+    # no tokens x intermediate-size tensor exists at once (qlora/stages/chunked_mlp.py); 0 runs it whole
+    mlp_chunk_tokens: int = 4096
+    # keep every activation saved for backward in CPU memory (TRL's activation offloading): longer sequences
+    # still than offload_checkpoints alone, at a speed cost
     activation_offloading: bool = False
     # compile each decoder layer with torch.compile (regional compilation: one compilation serves every layer):
     # Inductor fuses the norms, RoPE, SwiGLU, dropout and adds around the matmuls and launches them from one call

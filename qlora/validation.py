@@ -81,6 +81,7 @@ def validate(config: TrainConfig) -> None:
             f"training.resume={t.resume} is not a folder: use training.resume=auto (the newest checkpoint in "
             f"training.output_dir) or the path of a checkpoint folder, e.g. {t.output_dir}/checkpoints/checkpoint-500."
         )
+    _at_least("performance.mlp_chunk_tokens", config.performance.mlp_chunk_tokens, 0)
     validate_launch(config)
 
 

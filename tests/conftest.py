@@ -61,3 +61,23 @@ def run_with_fault(fault: str, step: int, *args: str, cwd: Path) -> subprocess.C
         [sys.executable, str(script), fault, str(step), *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=600,
     )
+
+
+def tiny_lora_model(config: TrainConfig, fused: bool = True, keep_for_backward: bool = False,
+                    checkpointing: bool = True):
+    """The tiny model of `config` with LoRA (B random, so that every LoRA term shows in the gradients), prepared for
+    k-bit training with or without gradient checkpointing, in training mode."""
+    import torch
+
+    from qlora.stages.adapters import attach_lora
+    from qlora.stages.model import frozen_weights_dtype, load_quantized_model, prepare_for_kbit_training
+
+    torch.manual_seed(0)
+    model = load_quantized_model(config.model, config.quantization, torch.device("cpu"))
+    dtype = frozen_weights_dtype(config.performance, config.quantization)
+    model = attach_lora(prepare_for_kbit_training(model, checkpointing, dtype), config.lora, fused=fused,
+                        keep_for_backward=keep_for_backward)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would hide every LoRA term but A's gradient
+            param.data.normal_(0, 0.05)
+    return model.train()

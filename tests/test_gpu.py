@@ -107,3 +107,39 @@ def test_compiled_layers_compute_the_eager_gradients_on_cuda(tiny_config):
         return _loss_and_gradients_on_cuda(config, lambda model: attach_training_adapters(model, config))
 
     _assert_same_up_to_bf16(run(compiled=True), run(compiled=False))
+
+
+def test_offloaded_checkpoints_compute_the_same_on_cuda(tiny_config):
+    """performance.offload_checkpoints with compiled layers and the fused LoRA function: the layer inputs go to
+    pinned host memory on a copy stream and come back for the backward pass, which computes the loss and the LoRA
+    gradients of the same run with the inputs left on the GPU."""
+    from qlora.stages.adapters import attach_training_adapters
+    from qlora.stages.offload import CheckpointInputs, OffloadCheckpoints
+
+    config = tiny_config(*GPU_SETTINGS, "lora.dropout=0.1")
+    offload = CheckpointInputs(min_bytes=0)  # the tiny model's inputs are far below the size worth a copy
+
+    def run(offloaded):
+        def attach(model):
+            model = attach_training_adapters(model, config)
+            if offloaded:
+                OffloadCheckpoints(offload).on_train_begin(None, None, None, model=model)
+            return model
+
+        return _loss_and_gradients_on_cuda(config, attach)
+
+    result = run(offloaded=True)
+    assert len(offload.saved) == 4 and all(saved is None for saved in offload.saved)  # all back, then released
+    _assert_same_up_to_bf16(result, run(offloaded=False))
+
+
+def test_chunked_mlp_computes_the_same_on_cuda(tiny_config):
+    """performance.mlp_chunk_tokens with compiled layers, under gradient checkpointing and autocast: the MLPs in
+    chunks of 64 of the 256 tokens give the loss and LoRA gradients of the whole MLPs."""
+    from qlora.stages.adapters import attach_training_adapters
+
+    def run(chunk):
+        config = tiny_config(*GPU_SETTINGS, "lora.dropout=0", f"performance.mlp_chunk_tokens={chunk}")
+        return _loss_and_gradients_on_cuda(config, lambda model: attach_training_adapters(model, config))
+
+    _assert_same_up_to_bf16(run(64), run(0))

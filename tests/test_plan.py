@@ -70,7 +70,10 @@ def test_peak_grows_with_batch_and_the_largest_batch_fits():
     assert plan_memory(config, batch, None, architecture).training_peak <= 24 * GiB
     assert plan_memory(config, batch + 1, None, architecture).training_peak > 24 * GiB
     assert longest_sequence(config, 1 * GiB, architecture) == 0  # the weights alone do not fit
-    assert longest_sequence(config, 400 * GiB, architecture) == 4096  # Llama-2's context
+    longest = longest_sequence(config, 24 * GiB, architecture)  # at batch size 1, as the plan command prints it
+    assert plan_memory(config, 1, longest, architecture).training_peak <= 24 * GiB
+    assert plan_memory(config, 1, longest + 64, architecture).training_peak > 24 * GiB
+    assert longest > 4096  # memory alone decides, not Llama-2's own context (RoPE scaling extends it)
 
 
 def test_plan_command_with_gpu_memory_flag(tmp_path):
@@ -80,6 +83,7 @@ def test_plan_command_with_gpu_memory_flag(tmp_path):
     for text in ("quantized linear (nf4)", "LoRA (trainable, r=16)", "quantization statistics", "load peak",
                  "training peak at batch 4 x 2048 tokens", "without gradient checkpointing", "logits and loss",
                  "fits plan.gpu_memory=24GiB", "largest batch size at data.max_length=2048",
+                 "longest sequence at batch size 1:", "beyond the model's own context of 4,096",
                  "unquantized ones in bfloat16 after k-bit preparation"):  # performance.frozen_weights_float32=false
         assert text in result.stdout, text
     same = run_cli("+recipe=llama7b", "plan.gpu_memory=24GiB", cwd=tmp_path, command="qlora.plan")
@@ -176,8 +180,8 @@ def test_fused_lora_dropout_keeps_only_its_mask(tiny_config):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_reused_recomputed_weights_cost_what_the_planner_adds(tiny_config, dropout):
     """performance.reuse_recomputed_weights: per layer, what the fused layers keep beyond their inputs (every
-    dequantized weight; with dropout, each adapter's dropout output) is the planner's extra working set, measured
-    with saved_tensors_hooks."""
+    dequantized weight, and nothing for dropout: its output is made again from the input and the mask) is the
+    planner's extra working set, measured with saved_tensors_hooks."""
     overrides = (f"lora.dropout={dropout}", "training.batch_size=4", "data.max_length=64",
                  "training.gradient_checkpointing=true")
     without, _ = _saved_bytes(tiny_config, *overrides)
@@ -187,3 +191,24 @@ def test_reused_recomputed_weights_cost_what_the_planner_adds(tiny_config, dropo
     transient = 2 * on.params.largest_quantized * 4  # the dequantized weight the planner drops for float32 compute
     layers = load_architecture(tiny_config().model).config.num_hidden_layers
     assert (kept - without) / layers == on.training_peak - off.training_peak + transient
+
+
+def test_offloaded_checkpoints_and_mlp_chunks_are_planned():
+    """performance.offload_checkpoints keeps two layer inputs on the GPU instead of one per layer;
+    performance.mlp_chunk_tokens bounds the MLP's share of the working set by the chunk, and changes nothing for
+    micro-batches of at most one chunk."""
+    config = compose_config(["+recipe=llama3_8b"])
+    architecture = load_architecture(config.model)
+    arch = architecture.config
+    tokens = 65536
+
+    def peak(*overrides, tokens=tokens):
+        return plan_memory(compose_config(["+recipe=llama3_8b", *overrides]), 1, tokens, architecture).training_peak
+
+    offloaded = peak()
+    assert peak("performance.offload_checkpoints=false") - offloaded == \
+        (arch.num_hidden_layers - 2) * tokens * arch.hidden_size * 2
+    assert peak("performance.activation_offloading=true") < offloaded  # TRL's: not even two stay
+    whole = peak("performance.mlp_chunk_tokens=0")
+    assert whole > offloaded and peak("performance.mlp_chunk_tokens=8192") > offloaded
+    assert peak("performance.mlp_chunk_tokens=0", tokens=4096) == peak(tokens=4096)  # one chunk: as whole

@@ -12,14 +12,16 @@ The terms model the code as it trains today:
   biases; with quantization=none every weight) to float32, so the residual stream is float32 too; with
   performance.frozen_weights_float32=false (the default) they are cast back to the compute dtype, and the
   residual stream is in the compute dtype.
-- performance.activation_offloading=true keeps the per-layer checkpoints in CPU memory.
+- performance.offload_checkpoints (under gradient checkpointing) keeps the per-layer checkpoints in host memory but
+  two; performance.activation_offloading=true keeps all of them there.
+- performance.mlp_chunk_tokens: the MLP's tokens x intermediate-size tensors exist for one chunk at a time.
 - TRL casts the adapters of a quantized model to bf16 (qlora keeps them in float32 with float32 compute).
 - gradient checkpointing (non-reentrant, one checkpoint per decoder layer) keeps each layer's float32
   input and recomputes one layer at a time in the backward pass.
 - TRL's fused LM head computes the loss in tiles of 4096 tokens x 32768 vocabulary entries, never the
   full logits.
 - performance.reuse_recomputed_weights (fused LoRA under gradient checkpointing): the recomputed layer keeps its
-  dequantized weights and its adapters' dropout outputs until its backward pass.
+  dequantized weights until its backward pass.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from qlora.config import ASSETS_DIR, ModelConfig, TrainConfig
 from qlora.errors import QLoRAError
 from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
+from qlora.stages.offload import offloads_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +52,21 @@ DROPOUT_PER_INPUT = {2: 1.9, 4: 5.15}  # LoRA dropout's mask and output, per ele
 # performance.fused_lora: the fused LoRA function keeps the layer's input (as LoRA without dropout does) and only
 # a 1-byte mask per adapted layer
 FUSED_DROPOUT_PER_INPUT = 1.0
-# The GPU default (bf16 compute, frozen weights and residual stream in bf16, Liger's kernels, LoRA dropout on
-# all linear layers): beyond the per-layer checkpoints, the training peak grows by this many bytes per token
-# and per unit of (hidden, intermediate) size: the recomputed layer, its backward pass and the loss head's
-# hidden states. Fitted to torch.cuda.max_memory_allocated on an H100 for Llama-2-7B and Llama-3-8B at
-# 1k-8k tokens per batch (scripts/benchmarks/results/2026-11-22-h100-plan-accuracy-run1.md, checked in run2).
-# With the compiled decoder layers (the default since, in place of Liger's kernels) the measured peaks at 2 x 2048
-# were 6.15 GiB (Llama-2-7B) and 7.97 GiB (Llama-3-8B) against 6.58 and 8.42 planned: 5-7% above, on the safe side
-# (2026-11-23-h100-session3.md, call 6); not refitted.
-GPU_WORKING_SET_PER_TOKEN = (41.8, 6.1)
+# The GPU default (bf16 compute, frozen weights and residual stream in bf16, compiled decoder layers, fused LoRA,
+# offloaded checkpoints, the MLP in chunks): beyond the checkpoints kept on the GPU and the dropout masks, the
+# training peak grows by this many bytes per token and per unit of hidden size, and per token of one MLP chunk and
+# unit of intermediate size: the recomputed layer, its backward pass and the loss head's hidden states. Fitted to
+# torch.cuda.max_memory_allocated on an H200, LoRA dropout 0: Llama-2-7B 2 x 2048 (5.11 GiB) and Llama-3-8B
+# 1 x 65,536 (14.29 GiB), rounded up; with dropout 0.05 Llama-2-7B 2 x 2048 plans 5.29 GiB against 5.27 measured
+# (scripts/benchmarks/results/2026-11-29-h200-session.md, call 3). The earlier fit (41.8, 6.1), made at 1k-8k
+# tokens with Liger's eager kernels and every checkpoint on the GPU, planned 27% above the measured peak at 65,536.
+GPU_WORKING_SET_PER_TOKEN = (29.0, 2.0)
+# performance.offload_checkpoints: the last layer's input stays on the GPU, and one comes back ahead of its layer
+OFFLOAD_KEPT_CHECKPOINTS = 2
 LOSS_TILE_TOKENS, LOSS_TILE_VOCAB = 4096, 32768  # TRL's fused LM head tiles (trl/kernels/chunked_logprob.py)
 CUBLAS_WORKSPACE = 32 * 2**20
-BNB_BLOCK, BNB_BLOCK2 = 64, 256  # 4-bit block size, and blocks per double-quant block
+BNB_BLOCK, BNB_BLOCK2 = 64, 256
+LONGEST_SEQUENCE_SEARCHED = 2**22  # 4-bit block size, and blocks per double-quant block
 
 
 @dataclass
@@ -145,32 +151,36 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     h_coef, i_coef, kv_coef = SAVED_PER_TOKEN[compute]
     # the residual stream (embeddings' output, norms' inputs, checkpoints) is in the frozen weights' dtype
     residual = 4 if config.performance.frozen_weights_float32 else compute
+    # the MLP's tokens x intermediate tensors exist for one chunk at a time (performance.mlp_chunk_tokens)
+    chunk = config.performance.mlp_chunk_tokens
+    mlp_tokens = min(tokens, chunk) if chunk else tokens
     # one decoder layer's saved tensors; dropout adds its mask and output for every adapter's input
-    layer = int(tokens * (h_coef * hidden + i_coef * intermediate + kv_coef * kv))
+    layer = int(tokens * (h_coef * hidden + kv_coef * kv) + mlp_tokens * i_coef * intermediate)
+    dropout_masks = 0
     if config.lora.dropout > 0:
         per_input = FUSED_DROPOUT_PER_INPUT if fused_lora(config) else DROPOUT_PER_INPUT[compute]
-        layer += int(tokens * per_input * (6 * hidden + intermediate))
+        dropout_masks = int(per_input * (tokens * 6 * hidden + mlp_tokens * intermediate))
+    layer += dropout_masks
     embedding_and_norm = tokens * hidden * residual * 2  # the embedding output and the final norm's input
     # the backward pass of one layer holds the gradients of its largest activations at once
-    backward = tokens * residual * (3 * intermediate + 2 * hidden)
-    # one checkpoint (the layer's input) per layer, unless offloaded to CPU memory
-    checkpoints = 0 if config.performance.activation_offloading else tokens * hidden * residual * layers
+    backward = residual * (mlp_tokens * 3 * intermediate + tokens * 2 * hidden)
+    # one checkpoint (the layer's input) per layer; offloaded, the last layer's stays and one comes back ahead of
+    # the backward pass (performance.offload_checkpoints); none with TRL's offloading of every activation
+    kept_checkpoints = 0 if config.performance.activation_offloading else \
+        min(layers, OFFLOAD_KEPT_CHECKPOINTS) if offloads_checkpoints(config, on_gpu=True) else layers
+    checkpoints = tokens * hidden * residual * kept_checkpoints
     with_checkpointing = checkpoints + layer + backward + embedding_and_norm
     without_checkpointing = layer * layers + backward + embedding_and_norm
     head_hidden = tokens * hidden * residual * 2  # the hidden states the loss head keeps, and their gradient
     calibrated = residual == compute == 2
     if calibrated:  # the measured GPU default replaces the CPU-measured terms of the recomputed layer
         h_gpu, i_gpu = GPU_WORKING_SET_PER_TOKEN
-        with_checkpointing = checkpoints + int(tokens * (h_gpu * hidden + i_gpu * intermediate))
+        with_checkpointing = checkpoints + dropout_masks + int(tokens * h_gpu * hidden
+                                                               + mlp_tokens * i_gpu * intermediate)
         head_hidden = 0  # part of the fitted working set
     dequantized = 2 * params.largest_quantized * compute if method != "none" else 0  # a weight, transiently
-    if keeps_recomputed_tensors(config):
-        # the recomputed layer keeps every dequantized weight until its backward pass, and each adapter's dropout
-        # output (6 hidden + intermediate per token) in place of the 3 inputs it no longer keeps itself (2 hidden
-        # + intermediate; attention keeps o_proj's)
+    if keeps_recomputed_tensors(config):  # the recomputed layer keeps every dequantized weight until its backward
         dequantized = params.quantized // layers * compute
-        if config.lora.dropout > 0:
-            with_checkpointing += tokens * compute * 4 * hidden
     lora_bytes = 4 if method == "none" or compute == 4 else 2
     optimizer, paged = optimizer_bytes(config.training.optim, params.lora, lora_bytes)
     return MemoryPlan(
@@ -294,11 +304,13 @@ def largest_batch(config: TrainConfig, memory: int, architecture: Optional[Archi
     return _largest(lambda b: plan_memory(config, b, None, architecture).training_peak <= memory, 4096)
 
 
-def longest_sequence(config: TrainConfig, memory: int, architecture: Optional[Architecture] = None) -> int:
-    """The longest sequence (a multiple of 64) whose planned peak fits at the configured batch size (0: none)."""
+def longest_sequence(config: TrainConfig, memory: int, architecture: Optional[Architecture] = None,
+                     batch_size: int = 1) -> int:
+    """The longest sequence (a multiple of 64, up to 2**22 tokens) whose planned peak fits `memory` bytes at
+    `batch_size` (0: none). Memory alone: the model's own context (max_position_embeddings) may be shorter."""
     architecture = architecture or load_architecture(config.model)
-    limit = getattr(architecture.config.get_text_config(), "max_position_embeddings", None) or 2**20
-    fits = _largest(lambda n: plan_memory(config, None, 64 * n, architecture).training_peak <= memory, limit // 64)
+    fits = _largest(lambda n: plan_memory(config, batch_size, 64 * n, architecture).training_peak <= memory,
+                    LONGEST_SEQUENCE_SEARCHED // 64)
     return 64 * fits
 
 

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from qlora.cli import run_hydra_command
 from qlora.config import PlanConfig, typed_config, with_default_recipe
 from qlora.errors import QLoRAError
-from qlora.plan import GiB, MemoryPlan, largest_batch, load_architecture, longest_sequence, plan_memory
+from qlora.plan import (LONGEST_SEQUENCE_SEARCHED, Architecture, GiB, MemoryPlan, largest_batch, load_architecture,
+                        longest_sequence, plan_memory)
 from qlora.stages.model import frozen_weights_dtype
 from qlora.validation import validate
 
@@ -35,10 +36,21 @@ def plan_command(cfg: DictConfig) -> None:
         print("\nno GPU here and no plan.gpu_memory (or --gpu-memory 80GiB) given: nothing to fit")
         return
     batch = largest_batch(config, memory, architecture)
-    sequence = longest_sequence(config, memory, architecture)
+    sequence = longest_sequence(config, memory, architecture, batch_size=1)
     print(f"\nfits {where} ({memory / GiB:.1f} GiB):")
     print(f"  largest batch size at data.max_length={plan.seq_len}: {batch or 'none (even 1 does not fit)'}")
-    print(f"  longest sequence at training.batch_size={plan.batch_size}: {sequence or 'none (even 64 does not fit)'}")
+    print(f"  longest sequence at batch size 1: {describe_sequence(sequence, architecture)}")
+
+
+def describe_sequence(tokens: int, architecture: Architecture) -> str:
+    if not tokens:
+        return "none (even 64 tokens do not fit)"
+    if tokens == LONGEST_SEQUENCE_SEARCHED:
+        return f"{tokens:,} tokens or more"
+    context = getattr(architecture.config.get_text_config(), "max_position_embeddings", None)
+    beyond = f" (beyond the model's own context of {context:,}: longer needs RoPE scaling)" if context and \
+        tokens > context else ""
+    return f"{tokens:,} tokens{beyond}"
 
 
 def render(plan: MemoryPlan, config: PlanConfig) -> str:

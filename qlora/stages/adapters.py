@@ -8,6 +8,7 @@ import peft
 from transformers import PreTrainedModel
 
 from qlora.config import LoraConfig, TrainConfig
+from qlora.stages.chunked_mlp import chunk_mlps
 from qlora.stages.fused_lora import fuse_lora_layers, fused_lora, keeps_recomputed_tensors
 from qlora.stages.model import compile_decoder_layers
 
@@ -41,12 +42,15 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False, k
 def attach_training_adapters(model: PreTrainedModel, config: TrainConfig,
                              sharded: bool = False) -> peft.PeftModel:
     """The adapters as a run trains them, with the performance switches that act on the layers: the fused LoRA
-    function (and its reuse of recomputed weights) and the compiled decoder layers. Under FSDP (`sharded`) neither
-    applies: FSDP flattens the 4-bit weights the fused function reads, and neither is measured there."""
+    function (and its reuse of recomputed weights), the chunked MLPs and the compiled decoder layers. Under FSDP
+    (`sharded`) none applies: FSDP flattens the 4-bit weights the fused function reads, and none is measured there."""
     performance = config.performance
     model = attach_lora(model, config.lora, fused=fused_lora(config) and not sharded,
                         keep_for_backward=keeps_recomputed_tensors(config),
                         dequantize_in_torch=performance.torch_compile and performance.compiled_dequantize)
+    if performance.mlp_chunk_tokens and not sharded:
+        log.info("performance.mlp_chunk_tokens: %d MLPs run in chunks of %d tokens on longer micro-batches",
+                 chunk_mlps(model, performance.mlp_chunk_tokens), performance.mlp_chunk_tokens)
     if performance.torch_compile and not sharded:
         log.info("performance.torch_compile: %d decoder layers compiled", compile_decoder_layers(model))
     return model

@@ -19,15 +19,18 @@ Llama-2-7B step where the addmm inside the function made 484). The base weight i
 backward pass, as bitsandbytes does, so nothing of its size is kept.
 
 Under gradient checkpointing a layer's saved tensors live only from its recomputation to its backward pass, which
-follows at once, so there (`performance.reuse_recomputed_weights`) the function keeps the dequantized weight and
-the dropout output too: the backward pass then neither dequantizes again nor re-applies the mask to the input,
-for one decoder layer's weights in the compute dtype of memory. The first, checkpointed forward pass keeps none
-of it: the checkpoint discards what it saves.
+follows at once, so there (`performance.reuse_recomputed_weights`) the function keeps the dequantized weight too:
+the backward pass then does not dequantize again, for one decoder layer's weights in the compute dtype of memory.
+The first, checkpointed forward pass keeps none of it: the checkpoint discards what it saves. The dropout output is
+never kept (one tensor per layer of the input's size, where the input and a 1-byte mask are shared or smaller).
 """
 
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -50,8 +53,8 @@ def keeps_recomputed_tensors(config: TrainConfig) -> bool:
 def fuse_lora_layers(model: nn.Module, keep_for_backward: bool = False, dequantize_in_torch: bool = False) -> int:
     """Route every peft LoRA layer over a bitsandbytes 4-bit layer through the fused function; returns how
     many. A layer falls back to peft's own forward whenever the fused one does not apply (see fusable).
-    `keep_for_backward`: a forward pass with gradients keeps the dequantized weight and the dropout output for
-    the backward pass; only for layers run under gradient checkpointing, which frees them (module docstring).
+    `keep_for_backward`: a forward pass with gradients keeps the dequantized weight for the backward pass; only
+    for layers run under gradient checkpointing, which frees them (module docstring).
     `dequantize_in_torch`: inside a compiled region, dequantize in torch ops (performance.compiled_dequantize)."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
@@ -106,8 +109,8 @@ def fusable(layer: nn.Module) -> bool:
 
 class LoRA4bitLinear(torch.autograd.Function):
     """x W^T and scaling * (dropout(x) A^T) B^T for a 4-bit W, whose sum is the LoRA layer's output; x is 2-D and
-    in the compute dtype. `keep`: save the dequantized W and dropout(x) for the backward pass instead of
-    dequantizing and masking again there; `in_torch`: dequantize in torch ops (see _dequantize)."""
+    in the compute dtype. `keep`: save the dequantized W for the backward pass instead of dequantizing again there;
+    `in_torch`: dequantize in torch ops (see _dequantize)."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, keep: bool, in_torch: bool):
@@ -116,7 +119,8 @@ class LoRA4bitLinear(torch.autograd.Function):
         x_dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
         xa = x_dropped @ lora_a.t()
         lora = (xa * scaling) @ lora_b.t()
-        ctx.save_for_backward(x_dropped if keep else x, mask, xa, lora_a, lora_b, dequantized)
+        # x, not dropout(x): x is one tensor shared by the layers that read it, dropout(x) one per layer
+        ctx.save_for_backward(x, mask, xa, lora_a, lora_b, dequantized)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
         ctx.in_torch = in_torch
         return y, lora
@@ -137,18 +141,39 @@ class LoRA4bitLinear(torch.autograd.Function):
                 dx_lora = torch.ops.aten.native_dropout_backward(dx_lora, mask, ctx.keep_scale)
             dx = dy @ weight + dx_lora
         if ctx.needs_input_grad[1]:
-            dropped = mask is None or dequantized is not None  # `keep` saved dropout(x) in x's place
-            x_dropped = x if dropped else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
+            x_dropped = x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
             da = dxa.t() @ x_dropped
         if ctx.needs_input_grad[2]:
             db = dy_lora.t() @ (xa * ctx.scaling)
         return dx, da, db, None, None, None, None, None, None
 
 
+@contextmanager
+def dequantizing_once() -> Iterator[None]:
+    """Within it each 4-bit weight is dequantized once and the result reused by every call that needs it: for a
+    layer run on its input in chunks (qlora/stages/chunked_mlp.py), which would otherwise dequantize per chunk."""
+    token = _DEQUANTIZED.set({})
+    try:
+        yield
+    finally:
+        _DEQUANTIZED.reset(token)
+
+
+# weight id -> (weight, dtype, dequantized) while dequantizing_once is active in this thread (autograd runs the
+# backward pass in threads of its own)
+_DEQUANTIZED: ContextVar[Optional[dict]] = ContextVar("qlora_dequantized", default=None)
+
+
+def _dequantized_once() -> Optional[dict]:
+    """dequantizing_once's results, outside compiled code (the chunked layers it serves run eager; Dynamo cannot
+    trace a ContextVar and would break every compiled layer's graph at each LoRA layer)."""
+    return None if torch.compiler.is_compiling() else _DEQUANTIZED.get()
+
+
 def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state, in_torch: bool) -> torch.Tensor:
     """x W^T through bitsandbytes' own op, with its double-quantized statistics, as its Linear4bit does, or
-    from the weight dequantized in torch ops (`in_torch`, see _dequantize)."""
-    if in_torch:
+    from the weight dequantized in torch ops (`in_torch`, see _dequantize), or once (dequantizing_once)."""
+    if in_torch or _dequantized_once() is not None:
         return x @ _dequantize(weight, quant_state, x.dtype, in_torch).t()
     packed = weight.view(-1, 1)
     if not quant_state.nested:
@@ -164,9 +189,19 @@ def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype, in_torch:
     """W in `dtype`: through the same bitsandbytes ops as gemm_4bit dequantizes with, or (`in_torch`, only in a
     compiled layer: eager it would be many kernels) in torch ops, which Inductor fuses into one kernel launched
     from its own code; bitsandbytes' ops are Python functions reached through the dispatcher, two kernels and
-    host time for every weight."""
+    host time for every weight. Inside dequantizing_once, the first result for this weight and dtype."""
+    memo = _dequantized_once()
+    if memo is not None and not in_torch:
+        found = memo.get(id(weight))
+        if found is None or found[1] != dtype:
+            found = memo[id(weight)] = (weight, dtype, _dequantize_with_bitsandbytes(weight, quant_state, dtype))
+        return found[2]
     if in_torch:
         return dequantize_in_torch(weight, quant_state).to(dtype)
+    return _dequantize_with_bitsandbytes(weight, quant_state, dtype)
+
+
+def _dequantize_with_bitsandbytes(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     absmax = quant_state.absmax
     if quant_state.nested:
         state2 = quant_state.state2

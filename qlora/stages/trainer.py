@@ -20,6 +20,8 @@ from qlora.config import PerformanceConfig, TrainConfig, report_destinations
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
 from qlora.stages.memory import planned_batch_size
+from qlora.stages.offload import OffloadCheckpoints, offloads_checkpoints
+from qlora.stages.processes import uses_fsdp
 from qlora.stages.progress import TokenRate, TrainingProgress
 
 log = logging.getLogger("qlora")
@@ -129,6 +131,8 @@ def build_trainer(
         callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming, rate=rate), *callbacks],
         qlora_config=config,
     )
+    if offloads_checkpoints(config, on_gpu=torch.cuda.is_available(), sharded=uses_fsdp()):
+        trainer.add_callback(OffloadCheckpoints())
     trainer.remove_callback(ProgressCallback)  # one bar, ours, with loss, lr, tokens/s and ETA
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(TrainingProgress(rate=rate))

@@ -1,0 +1,124 @@
+"""performance.mlp_chunk_tokens: the MLP in sequence chunks computes the same function with less memory."""
+
+import logging
+
+import pytest
+import torch
+
+from conftest import tiny_lora_model
+from qlora.stages import fused_lora
+from qlora.stages.chunked_mlp import _run_in_chunks, chunk_mlps
+from qlora.stages.model import load_quantized_model
+
+CPU = torch.device("cpu")
+TOKENS = 2 * 24  # the batch of _step; in chunks of 10: 5 chunks
+
+
+def _model(config, chunk_tokens: int = 0, checkpointing: bool = True):
+    model = tiny_lora_model(config, keep_for_backward=checkpointing, checkpointing=checkpointing)
+    if chunk_tokens:
+        assert chunk_mlps(model, chunk_tokens) == 4
+    return model
+
+
+def _step(model):
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _count_gate_calls(model) -> list[int]:
+    gate = model.base_model.model.model.layers[0].mlp.gate_proj
+    calls, forward = [], gate.forward
+    gate.forward = lambda x, *args, **kwargs: (calls.append(x.shape[:-1].numel()), forward(x, *args, **kwargs))[1]
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_chunks_compute_the_whole_mlp_and_run_it_twice_not_three_times(tiny_config, checkpointing):
+    """Without dropout the chunked MLPs give the whole MLPs' loss and gradients. Each chunk runs forward once in
+    the forward pass and once in the backward pass; under gradient checkpointing the layer's recomputation stops
+    before the MLP (it saved its input first), so the MLP does not run a third time."""
+    config = tiny_config("lora.dropout=0")
+    model = _model(config, chunk_tokens=10, checkpointing=checkpointing)
+    calls = _count_gate_calls(model)
+    loss, grads = _step(model)
+    assert calls == [10, 10, 10, 10, 8] * 2
+    reference_loss, reference = _step(_model(config, checkpointing=checkpointing))
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in reference.items():  # float32 sums over chunks in another order
+        assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_dropout_masks_are_the_same_in_the_backward_pass(tiny_config):
+    """With dropout the backward pass draws the forward pass's masks again: the gradients are those autograd
+    computes for the same chunks with the same random state."""
+    config = tiny_config("lora.dropout=0.3")
+    model = _model(config, chunk_tokens=10, checkpointing=False)
+    mlp = model.base_model.model.model.layers[1].mlp
+    x = torch.randn(2, 24, 128, generator=torch.Generator().manual_seed(3))
+    trained = [p for p in mlp.parameters() if p.requires_grad]
+
+    def gradients(run):
+        inputs = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out = run(inputs)
+        out.pow(2).sum().backward()
+        found = [inputs.grad] + [p.grad.clone() for p in trained]
+        mlp.zero_grad()
+        return out.detach(), found
+
+    out, grads = gradients(lambda inputs: _run_in_chunks(mlp, inputs))
+    whole = type(mlp).forward
+    reference_out, reference = gradients(
+        lambda inputs: torch.cat([whole(mlp, chunk) for chunk in inputs.reshape(-1, 128).split(10)]).view(2, 24, -1))
+    assert torch.allclose(out, reference_out, atol=1e-6)
+    for grad, expected in zip(grads, reference):
+        assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_short_inputs_and_inference_run_the_mlp_whole(tiny_config):
+    model = _model(tiny_config(), chunk_tokens=TOKENS)
+    calls = _count_gate_calls(model)
+    _step(model)
+    assert calls == [TOKENS, TOKENS]  # forward and recomputation, as without chunks
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 500, (4, 24)))
+    assert calls == [4 * 24]
+
+
+def test_each_weight_is_dequantized_once_per_pass_for_all_chunks(tiny_config, monkeypatch):
+    dequantized = []
+    dequantize = fused_lora._dequantize_with_bitsandbytes
+    monkeypatch.setattr(fused_lora, "_dequantize_with_bitsandbytes",
+                        lambda weight, *args: dequantized.append(weight) or dequantize(weight, *args))
+    model = _model(tiny_config("lora.dropout=0"), chunk_tokens=10)
+    mlp_weights = {id(m.base_layer.weight) for layer in model.base_model.model.model.layers
+                   for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)}
+    _step(model)
+    mlp_dequantized = [id(w) for w in dequantized if id(w) in mlp_weights]
+    assert len(mlp_dequantized) == 2 * len(mlp_weights)  # the forward pass and the backward pass, not per chunk
+
+
+def test_the_switch_reaches_the_layers_and_off_leaves_them(tiny_config, caplog):
+    from qlora.stages.adapters import attach_training_adapters
+
+    with caplog.at_level(logging.INFO):
+        chunked = attach_training_adapters(load_quantized_model(tiny_config().model, tiny_config().quantization, CPU),
+                                           tiny_config("performance.mlp_chunk_tokens=64"))
+    assert "4 MLPs run in chunks of 64 tokens" in caplog.text
+    assert {m.qlora_chunk_tokens for m in chunked.modules() if hasattr(m, "qlora_chunk_tokens")} == {64}
+    config = tiny_config("performance=off")
+    assert config.performance.mlp_chunk_tokens == 0
+    whole = attach_training_adapters(load_quantized_model(config.model, config.quantization, CPU), config)
+    assert not any(hasattr(m, "qlora_chunk_tokens") for m in whole.modules())
+
+
+def test_a_negative_chunk_size_is_refused(tiny_config):
+    from qlora.errors import QLoRAError
+
+    with pytest.raises(QLoRAError, match="performance.mlp_chunk_tokens=-1 is out of range"):
+        tiny_config("performance.mlp_chunk_tokens=-1")
