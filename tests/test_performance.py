@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_lora_model
 from qlora.errors import QLoRAError
 from qlora.stages.adapters import attach_lora
 from qlora.stages.model import frozen_weights_dtype, load_quantized_model, load_tokenizer, prepare_for_kbit_training
@@ -23,12 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_schema_defaults_are_on_and_off_turns_every_switch_off(tiny_config):
     fast = tiny_config("+recipe=llama7b").performance
     assert fast.torch_compile and fast.fused_lora and fast.reuse_recomputed_weights and fast.compiled_dequantize
+    assert fast.offload_checkpoints and fast.mlp_chunk_tokens == 4096
     assert not fast.frozen_weights_float32 and not fast.liger_kernel  # Inductor fuses what Liger would
     assert not tiny_config().performance.torch_compile  # the CPU recipe: compiling would take as long as training
     off = tiny_config("performance=off").performance
     assert not off.liger_kernel and off.frozen_weights_float32 and not off.fused_lora
     assert not off.reuse_recomputed_weights and not off.activation_offloading and not off.torch_compile
-    assert not off.compiled_dequantize
+    assert not off.compiled_dequantize and not off.offload_checkpoints and off.mlp_chunk_tokens == 0
 
 
 def _prepared(config):
@@ -92,15 +94,7 @@ def test_liger_missing_on_cuda_is_a_clear_error(tiny_config, monkeypatch):
 
 def _lora_model(config, fused: bool, keep_for_backward: bool = False):
     """The tiny model with LoRA, under gradient checkpointing."""
-    torch.manual_seed(0)
-    model = load_quantized_model(config.model, config.quantization, CPU)
-    dtype = frozen_weights_dtype(config.performance, config.quantization)
-    model = attach_lora(prepare_for_kbit_training(model, True, dtype), config.lora, fused=fused,
-                        keep_for_backward=keep_for_backward)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero, which would hide every LoRA term but A's gradient
-            param.data.normal_(0, 0.05)
-    return model
+    return tiny_lora_model(config, fused, keep_for_backward)
 
 
 def _loss_and_gradients(model, autocast: bool = False):
@@ -300,26 +294,68 @@ def test_torch_compile_excludes_liger(tiny_config):
     check_performance_support(tiny_config("+recipe=llama7b").performance, torch.device("cuda"))  # the defaults
 
 
-def test_benchmark_runs_both_recipes_on_the_cpu(tmp_path):
-    """scripts/benchmark.py still works end to end; on the CPU only correctness is checked, not speed."""
+def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
+    """scripts/benchmark.py still works end to end; on the CPU only correctness is checked, not speed. unsloth is
+    not installed here (nor would it run without a GPU): the report says so and the others run; a qlora variant
+    (qlora:KEY=VALUE) runs with its overrides."""
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--batch", "2",
-         "--steps", "3", "--warmup", "1", "--out", str(tmp_path)],
+         "--steps", "3", "--warmup", "1", "--out", str(tmp_path), "--unsloth-path", str(tmp_path / "none"),
+         "--recipes", "plain,unsloth,qlora,qlora:lora.dropout=0.5;performance.mlp_chunk_tokens=16"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "benchmark.md").read_text()
     assert "| plain |" in report and "| qlora |" in report
+    assert "unsloth: not run, it is not installed in --unsloth-path=" in report
     import json
 
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
-    plain, ours = (next(r for r in rows if r["recipe"] == name) for name in ("plain", "qlora"))
+    plain, ours, variant = (next(r for r in rows if r["recipe"] == name)
+                            for name in ("plain", "qlora", "qlora:lora.dropout=0.5;performance.mlp_chunk_tokens=16"))
     # losses recorded at every step although the trainers log only at the last one (a host read per step would
     # synchronise with the GPU); one time per step
     assert len(plain["losses"]) == len(ours["losses"]) == len(ours["step_seconds"]) == 3
     # the same data, seed and LoRA initialisation: the same function, so the same first loss
     assert ours["losses"][0] == pytest.approx(plain["losses"][0], rel=0.01)
     assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
+    assert variant["losses"][2] != ours["losses"][2]  # its dropout 0.5 applied (B starts at 0: from step 2)
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO_ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_longest_context_doubles_then_bisects_to_the_step(monkeypatch):
+    benchmark = _benchmark_module()
+    tried = []
+
+    def run(recipe, checkpoint, args, out, batch, seq):  # a recipe that trains up to 90,000 tokens
+        tried.append(seq)
+        return {"recipe": recipe, "seq": seq, **({"error": "out of memory"} if seq > 90_000 else {})}
+
+    monkeypatch.setattr(benchmark, "spawn_worker", run)
+    args = types.SimpleNamespace(seq=8192, max_context_limit=1 << 20, max_context_step=4096)
+    result = benchmark.longest_context("qlora", None, args, None)
+    assert tried == [8192, 16384, 32768, 65536, 131072, 98304, 81920, 90112, 86016]
+    assert result["longest_seq"] == 86016 and result["failed"]["seq"] == 90112
+
+
+def test_gpu_memory_sizes_are_read_as_the_issue_writes_them():
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
+    import argparse
+
+    from training_run import memory_bytes
+
+    assert memory_bytes("24GiB") == 24 * 2**30 and memory_bytes("80GB") == 80 * 10**9
+    assert memory_bytes("16000MiB") == 16000 * 2**20
+    with pytest.raises(argparse.ArgumentTypeError, match="not a memory size"):
+        memory_bytes("lots")
 
 
 def test_trace_gaps_finds_where_the_gpu_waits_for_the_host():
