@@ -30,7 +30,10 @@ NOT_RUN = {
     "python -m pytest": "runs this test suite",
     "python scripts/benchmark.py --model llama2-7b --seq 2048 --batch 2": "a 7B benchmark for a GPU",
     "python scripts/benchmark.py --model tiny --seq 32 --batch 2 --steps 3":
-        "run by tests/test_performance.py::test_benchmark_runs_both_recipes_on_the_cpu",
+        "run by tests/test_performance.py::test_benchmark_runs_every_recipe_on_the_cpu",
+    "python scripts/benchmark.py --model llama3-8b --recipe llama3_8b --max-context --seq 16384 --gpu-memory 24GiB":
+        "an 8B benchmark for a GPU; its search by tests/test_performance.py::test_longest_context_doubles_then_"
+        "bisects_to_the_step",
     "tensorboard --logdir outputs": "starts a web server",
 }
 GPU_RECIPES = ("llama7b", "llama3_8b", "mistral7b", "qwen2_5_7b")
