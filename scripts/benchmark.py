@@ -26,6 +26,7 @@ besides (a variant measured in the same call).
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import json
 import os
@@ -52,6 +53,7 @@ from training_run import (ASSETS_DIR, SHARED_HYPERPARAMETERS, add_worker_argumen
 PLAIN, UNSLOTH, QLORA = "plain", "unsloth", "qlora"
 BASELINE_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # CPUs have no fast bf16 4-bit path
 UNSLOTH_WORKER = REPO_ROOT / "scripts" / "benchmarks" / "unsloth_worker.py"
+WORKER_ERROR_LINES = 8  # of a failed worker's output, kept in its row of the report
 
 
 def main() -> None:
@@ -149,10 +151,24 @@ def spawn_worker(recipe: str, checkpoint: Path, args: argparse.Namespace, out: P
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": pythonpath}
     print(f"== {recipe}: batch {batch} x {seq} tokens", flush=True)
-    done = subprocess.run(command, env=env)
+    returncode, last_lines = run_echoing(command, env)
     if result_file.exists():
         return json.loads(result_file.read_text())
-    return {"recipe": recipe, "batch": batch, "seq": seq, "error": f"worker exited with {done.returncode}"}
+    return {"recipe": recipe, "batch": batch, "seq": seq,
+            "error": f"worker exited with {returncode}: " + " | ".join(last_lines)}
+
+
+def run_echoing(command: list[str], env: dict) -> tuple[int, list[str]]:
+    """Run a worker with its output passed through, keeping its last lines: a worker that dies says why in the
+    report, not only in a console that a device call may have cut."""
+    process = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    last = collections.deque(maxlen=WORKER_ERROR_LINES)
+    for line in process.stdout:
+        sys.stdout.write(line)
+        if line.strip():
+            last.append(line.strip()[:300])
+    return process.wait(), list(last)
 
 
 def longest_context(recipe: str, checkpoint: Path, args: argparse.Namespace, out: Path) -> dict:

@@ -346,6 +346,14 @@ def test_longest_context_doubles_then_bisects_to_the_step(monkeypatch):
     assert result["longest_seq"] == 86016 and result["failed"]["seq"] == 90112
 
 
+def test_a_failed_worker_says_why_in_its_row(monkeypatch, capsys):
+    benchmark = _benchmark_module()
+    command = [sys.executable, "-c", "print('loading'); raise SystemExit('the worker ran out of patience')"]
+    returncode, last_lines = benchmark.run_echoing(command, {})
+    assert returncode == 1 and last_lines == ["loading", "the worker ran out of patience"]
+    assert "loading" in capsys.readouterr().out  # passed through as it came
+
+
 def test_gpu_memory_sizes_are_read_as_the_issue_writes_them():
     sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
     import argparse
