@@ -354,6 +354,31 @@ def test_a_failed_worker_says_why_in_its_row(monkeypatch, capsys):
     assert "loading" in capsys.readouterr().out  # passed through as it came
 
 
+def test_memory_peak_names_the_code_of_the_blocks_alive_at_the_peak():
+    """scripts/benchmarks/memory_peak.py on a handmade allocator trace: the peak is after the third allocation
+    (before the second is freed); the blocks then are grouped by the innermost frame outside torch."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
+    from memory_peak import describe_peak
+
+    def frames(*names):
+        return [{"filename": f"/usr/lib/site-packages/{name.split(':')[0]}", "line": 1, "name": name.split(":")[1]}
+                for name in names]
+
+    layer = frames("torch/nn/modules/module.py:_call_impl", "qlora/stages/fused_lora.py:forward")
+    head = frames("trl/trainer/utils.py:_fused_forward")
+    trace = [{"action": "alloc", "addr": 1, "size": 2**30, "frames": layer},
+             {"action": "alloc", "addr": 2, "size": 2**29, "frames": head},
+             {"action": "alloc", "addr": 3, "size": 2**30, "frames": layer},
+             {"action": "free_requested", "addr": 2, "size": 2**29, "frames": head},
+             {"action": "free_completed", "addr": 2, "size": 2**29, "frames": head},
+             {"action": "alloc", "addr": 4, "size": 2**28, "frames": head}]
+    report = describe_peak({"device_traces": [trace]}, max_allocated=3 * 2**30)
+    assert "recorded peak 2.500 GiB" in report and "the rest, 0.500 GiB" in report
+    rows = [line for line in report.splitlines() if line.startswith("| 2.000") or line.startswith("| 0.500")]
+    assert rows == ["| 2.000 | 2 | qlora/stages/fused_lora.py:1 forward |",
+                    "| 0.500 | 1 | trl/trainer/utils.py:1 _fused_forward |"]
+
+
 def test_gpu_memory_sizes_are_read_as_the_issue_writes_them():
     sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
     import argparse

@@ -17,34 +17,41 @@ _TORCH_INTERNALS = ("/torch/", "/contextlib.py", "/functools.py", "/threading.py
 
 
 def start_recording() -> None:
-    torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python",
-                                             max_entries=MAX_ENTRIES)
+    torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=MAX_ENTRIES)
 
 
 def peak_report(top: int = 30) -> str:
-    """Stop recording and describe the live blocks at the recorded peak, largest sites first."""
-    snapshot = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
+    """Stop recording and describe the live blocks at the recorded peak, largest sites first; a failure of torch's
+    recording is described instead of ending the run whose figures it accompanies."""
+    try:
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return describe_peak(snapshot, torch.cuda.max_memory_allocated(), top)
+    except Exception as error:  # noqa: BLE001 (a diagnostic: its failure is reported, not raised)
+        return f"no memory-peak report: {type(error).__name__}: {error}\n"
+
+
+def describe_peak(snapshot: dict, max_allocated: int, top: int = 30) -> str:
+    """The blocks alive when the allocations in `snapshot`'s trace peaked, grouped by the code that made them."""
     events = [event for trace in snapshot["device_traces"] for event in trace]
-    live, total, peak, at_peak = {}, 0, -1, {}
+    live, total, peak, at_peak = {}, 0, 0, {}
     for event in events:
-        action, address, size = event["action"], event["addr"], event["size"]
+        action, address, size = event["action"], event.get("addr"), event.get("size", 0)
         if action == "alloc":
             live[address] = event
             total += size
             if total > peak:
                 peak, at_peak = total, dict(live)
-        elif action in ("free_requested", "free") and address in live:
+        elif action in ("free_requested", "free_completed") and address in live:
             total -= live.pop(address)["size"]
-    # blocks allocated before recording started are not in the trace: the weights, mostly
-    before = torch.cuda.max_memory_allocated() - peak
+    before = max_allocated - peak  # allocated before recording started: the weights, mostly
     sites = defaultdict(lambda: [0, 0])
     for event in at_peak.values():
-        site = sites[_site(event.get("frames", []))]
+        site = sites[_site(event.get("frames") or [])]
         site[0] += event["size"]
         site[1] += 1
     lines = [f"recorded peak {peak / 2**30:.3f} GiB of allocations made while recording "
-             f"(torch's peak {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB; the rest, {before / 2**30:.3f} GiB, "
+             f"(torch's peak {max_allocated / 2**30:.3f} GiB; the rest, {before / 2**30:.3f} GiB, "
              f"was allocated before: weights, adapters)", "", "| GiB | blocks | where |", "|---|---|---|"]
     for where, (size, count) in sorted(sites.items(), key=lambda item: -item[1][0])[:top]:
         lines.append(f"| {size / 2**30:.3f} | {count} | {where} |")
