@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import gzip
 import json
 import os
@@ -68,7 +69,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     recipes, notes = available_recipes(args)
     checkpoint = build_checkpoint(args.model)
-    if args.max_context:
+    if args.max_context and args.concurrent:  # each probe is a process of its own under the memory cap
+        with concurrent.futures.ThreadPoolExecutor(len(recipes)) as pool:
+            rows = list(pool.map(lambda recipe: longest_context(recipe, checkpoint, args, out), recipes))
+        report = render_max_context(rows, args)
+    elif args.max_context:
         rows = [longest_context(recipe, checkpoint, args, out) for recipe in recipes]
         report = render_max_context(rows, args)
     else:
@@ -99,6 +104,9 @@ def parse_args() -> argparse.Namespace:
                              "then bisect to --max-context-step")
     parser.add_argument("--max-context-limit", type=int, default=1 << 20)
     parser.add_argument("--max-context-step", type=int, default=4096)
+    parser.add_argument("--concurrent", action="store_true",
+                        help="with --max-context and --gpu-memory: search for every recipe at once on one GPU (each "
+                             "probe capped; the lengths are what counts, the tokens/s are then not comparable)")
     parser.add_argument("--profile", action="store_true", help="write a torch profiler table of one step")
     parser.add_argument("--host-profile", action="store_true",
                         help="write where the host's (Python's) time goes in the last steps (cProfile)")
@@ -151,21 +159,21 @@ def spawn_worker(recipe: str, checkpoint: Path, args: argparse.Namespace, out: P
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": pythonpath}
     print(f"== {recipe}: batch {batch} x {seq} tokens", flush=True)
-    returncode, last_lines = run_echoing(command, env)
+    returncode, last_lines = run_echoing(command, env, prefix=f"[{recipe} {seq}] " if args.concurrent else "")
     if result_file.exists():
         return json.loads(result_file.read_text())
     return {"recipe": recipe, "batch": batch, "seq": seq,
             "error": f"worker exited with {returncode}: " + " | ".join(last_lines)}
 
 
-def run_echoing(command: list[str], env: dict) -> tuple[int, list[str]]:
+def run_echoing(command: list[str], env: dict, prefix: str = "") -> tuple[int, list[str]]:
     """Run a worker with its output passed through, keeping its last lines: a worker that dies says why in the
     report, not only in a console that a device call may have cut."""
     process = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     last = collections.deque(maxlen=WORKER_ERROR_LINES)
     for line in process.stdout:
-        sys.stdout.write(line)
+        sys.stdout.write(prefix + line)
         if line.strip():
             last.append(line.strip()[:300])
     return process.wait(), list(last)
@@ -390,7 +398,9 @@ def memory_cap(args: argparse.Namespace) -> str:
 
 def render_max_context(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"model {args.model}: longest sequence that trains at batch 1 (doubling from {args.seq}, then bisecting "
-             f"to {args.max_context_step} tokens; {args.steps} steps each){memory_cap(args)}", "",
+             f"to {args.max_context_step} tokens; {args.steps} steps each){memory_cap(args)}"
+             + ("; the recipes' searches ran at once on one GPU: their tokens/s are not comparable" if args.concurrent
+                else ""), "",
              "| recipe | longest seq | peak GiB there | tokens/s there | shortest that failed |",
              "|---|---|---|---|---|"]
     for r in rows:

@@ -346,6 +346,21 @@ def test_longest_context_doubles_then_bisects_to_the_step(monkeypatch):
     assert result["longest_seq"] == 86016 and result["failed"]["seq"] == 90112
 
 
+def test_longest_context_of_every_recipe_at_once_on_the_cpu(tmp_path):
+    """--max-context --concurrent: both recipes' searches run side by side (each probe a process of its own);
+    on the CPU nothing runs out of memory, so each search doubles up to --max-context-limit."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--steps", "2",
+         "--warmup", "1", "--recipes", "plain,qlora", "--max-context", "--concurrent", "--max-context-limit", "64",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[plain 64] " in done.stdout and "[qlora 32] " in done.stdout  # each worker's lines say whose they are
+    report = (tmp_path / "benchmark.md").read_text()
+    assert "| plain | 64 |" in report and "| qlora | 64 |" in report and "not comparable" in report
+
+
 def test_a_failed_worker_says_why_in_its_row(monkeypatch, capsys):
     benchmark = _benchmark_module()
     command = [sys.executable, "-c", "print('loading'); raise SystemExit('the worker ran out of patience')"]
