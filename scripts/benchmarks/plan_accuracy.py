@@ -30,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from make_random_checkpoint import random_checkpoint
+from training_run import cap_gpu_memory, memory_bytes
 from qlora.config import ASSETS_DIR
 from qlora.compose import compose_config
 from qlora.plan import GiB, plan_memory
@@ -93,7 +94,8 @@ def build_checkpoint(name: str, folder: Path) -> None:
     random_checkpoint(name, folder)
 
 
-def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, overrides: list[str]) -> list[dict]:
+def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, overrides: list[str],
+            gpu_memory: int | None = None) -> list[dict]:
     """Build the checkpoint once, then measure each case in a process of its own, as a user's run is."""
     folder = scratch / name
     build_checkpoint(name, folder)
@@ -101,7 +103,8 @@ def measure(name: str, cases: list[tuple[int, int]], scratch: Path, tiny: bool, 
     for batch, seq in cases:
         result = scratch / f"case-{name}-{batch}-{seq}.json"
         command = [sys.executable, __file__, "--case", f"{name},{batch},{seq}", "--checkpoint", str(folder),
-                   "--result-file", str(result), *(["--tiny"] if tiny else []), *[f"--override={o}" for o in overrides]]
+                   "--result-file", str(result), *(["--tiny"] if tiny else []), *[f"--override={o}" for o in overrides],
+                   *([f"--gpu-memory={gpu_memory}B"] if gpu_memory else [])]
         done = subprocess.run(command)
         if not result.exists():
             raise SystemExit(f"case {name} {batch} x {seq} failed (exit {done.returncode})")
@@ -189,12 +192,15 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated subset of the architectures")
     parser.add_argument("--cases", default=None,
                         help="other cases than the table's, e.g. llama2-7b:2x1536,llama3-8b:3x1024 (batch x sequence)")
+    parser.add_argument("--gpu-memory", type=memory_bytes, default=None,
+                        help="cap each case's process at this much GPU memory, e.g. 24GiB (a smaller card)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # ARCH,BATCH,SEQ: one case, in this process
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.case:
+        cap_gpu_memory(args.gpu_memory)
         name, batch, seq = args.case.split(",")
         row = measure_case(name, int(batch), int(seq), Path(args.checkpoint), args.tiny, args.override)
         Path(args.result_file).write_text(json.dumps(row))
@@ -211,10 +217,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name, cases in table.items():
             if args.models is None or name in args.models.split(","):
-                rows += measure(name, cases, Path(scratch), args.tiny, args.override)
+                rows += measure(name, cases, Path(scratch), args.tiny, args.override, args.gpu_memory)
     (out / "plan_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "plan_accuracy.md").write_text(render(rows))
-    print(render(rows))
+    cap = f"each case capped at {args.gpu_memory / GiB:.1f} GiB of GPU memory\n" if args.gpu_memory else ""
+    (out / "plan_accuracy.md").write_text(cap + render(rows))
+    print(cap + render(rows))
 
 
 if __name__ == "__main__":
