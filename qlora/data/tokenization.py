@@ -2,9 +2,10 @@
 
 The rules are TRL's (SFTTrainer's dataset preparation): EOS appended to completions and text, the
 completion starting where the tokenized prompt and prompt+completion diverge, assistant tokens from the
-template's `{% generation %}` markers. We run them here, before the trainer, so that the counts
-(truncated, dropped) are known and the preview shows exactly the tokens and labels the trainer gets;
-SFTTrainer sees `input_ids` and `labels` and only collates (and packs) them.
+template's `{% generation %}` markers (without markers, from rendering the conversation turn by turn:
+qlora/data/masks.py). We run them here, before the trainer, so that the counts (truncated, dropped) are
+known and the preview shows exactly the tokens and labels the trainer gets; SFTTrainer sees `input_ids`
+and `labels` and only collates (and packs) them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import common_prefix_length
 
+from qlora.data.masks import tokenize_conversation
 from qlora.errors import QLoRAError
 
 IGNORE = -100  # the label of a token without loss (PyTorch's cross-entropy ignore_index)
@@ -27,7 +29,7 @@ class TokenizeOptions:
     max_length: int
     truncation: str  # truncate | drop
     train_on_prompt: bool
-    chat_template: str | None  # for messages rows
+    chat_template: str | None  # for messages rows (resolve_chat_template's)
     num_proc: int | None = None
 
 
@@ -102,7 +104,7 @@ def length_percentiles(dataset: datasets.Dataset) -> dict[str, int]:
 def tokenize_example(example: dict, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions) -> dict:
     """One example's input_ids and labels, plus its status: '', truncated, too_long or no_trainable."""
     if example.get("messages"):
-        input_ids, labels = _tokenize_messages(example["messages"], tokenizer, options.chat_template)
+        input_ids, labels = _tokenize_messages(example["messages"], tokenizer, options)
     elif example.get("prompt") is not None:
         input_ids, labels = _tokenize_prompt_completion(example["prompt"], example["completion"], tokenizer)
     else:
@@ -129,18 +131,15 @@ def _tokenize_prompt_completion(prompt: str, completion: str, tokenizer: PreTrai
 
 
 def _tokenize_messages(
-    messages: list[dict], tokenizer: PreTrainedTokenizerBase, chat_template: str | None
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions
 ) -> tuple[list, list]:
     try:
-        output = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+        input_ids, mask = tokenize_conversation(messages, tokenizer, options.chat_template, options.train_on_prompt)
     except TemplateError as error:
         raise QLoRAError(
             f"the chat template cannot render a conversation: {error}. Pick another data.chat_template (chatml "
             f"and llama-3 take any role), or fix the rows. The conversation: {messages}"
         ) from error
-    input_ids, mask = list(output["input_ids"]), list(output["assistant_masks"])
     labels = [token if keep else IGNORE for token, keep in zip(input_ids, mask)]
     if tokenizer.eos_token_id is not None and input_ids[-1] != tokenizer.eos_token_id:
         # Every example ends with EOS; it is trained when the conversation ends on the assistant's turn,
