@@ -2,18 +2,26 @@
 
 Each marked template is compared with itself with the markers taken out (same rendering, no markers)."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 import trl
 from jinja2 import TemplateError
 from transformers import AutoTokenizer
 
-from qlora.config import ASSETS_DIR
+from conftest import run_cli
+from qlora.config import ASSETS_DIR, DatasetSource
+from qlora.data import IGNORE, prepare_sft_data
+from qlora.data.load import load_formatted
 from qlora.data.masks import BY_MARKERS, BY_RENDERED_TURNS, describe_chat_masking, tokenize_conversation
+from qlora.data.preview import preview
 from qlora.data.templates import SHIPPED_TEMPLATES
+from qlora.data.tokenization import TokenizeOptions, tokenize_example
 from qlora.errors import QLoRAError
+from qlora.stages.model import load_tokenizer
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 TRAINING_TEMPLATES = sorted(path.name.removesuffix("_training.jinja")
@@ -137,3 +145,119 @@ def test_a_conversation_that_starts_with_the_assistant_names_turn_0(tokenizer):
     messages = [{"role": "assistant", "content": "Welcome."}, {"role": "user", "content": "Hi"}]
     with pytest.raises(QLoRAError, match="at turn 0: the conversation starts with it"):
         tokenize_conversation(messages, tokenizer, CHATML_UNMARKED, train_on_prompt=False)
+
+
+# --- end to end: a model whose own chat template has no markers, trained through CLI overrides alone ---
+
+# ChatML as Qwen-style models ship it (a default system prompt, every message closed by <|im_end|> and a newline),
+# written here: not byte-equal to any template TRL knows, so no training variant with markers exists for it.
+MODEL_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# The same template with the assistant's text and end-of-turn marked.
+MARKED_MODEL_TEMPLATE = MODEL_TEMPLATE.replace(
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}",
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}{%- if message['role'] == 'assistant' %}{%- generation %}"
+    "{{- message['content'] + '<|im_end|>\\n' }}{%- endgeneration %}{%- else %}"
+    "{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}",
+)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Qwen2 model whose tokenizer carries MODEL_TEMPLATE and <|im_start|>, <|im_end|> as single tokens.
+
+    Its weights are the shipped tiny Llama's (which knows the sentiment task) with zero q/k/v biases: the same
+    function in Qwen2's architecture, so that a few steps show learning."""
+    from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    llama = LlamaForCausalLM.from_pretrained(ASSETS_DIR / "tiny-llama")
+    same = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "rms_norm_eps", "rope_parameters", "vocab_size", "bos_token_id", "eos_token_id",
+            "pad_token_id")
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(**{name: getattr(llama.config, name) for name in same}))
+    missing, unexpected = qwen2.load_state_dict(llama.state_dict(), strict=False)
+    assert not unexpected and all(name.endswith("_proj.bias") for name in missing)
+    for name, bias in qwen2.named_parameters():
+        if name in missing:
+            bias.data.zero_()
+    qwen2.config.save_pretrained(folder)  # Qwen2's tokenizer class, chosen from config.json, adds its unk token
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny-llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = MODEL_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    qwen2.resize_token_embeddings(len(AutoTokenizer.from_pretrained(folder)))
+    qwen2.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharegpt_chats(tmp_path_factory):
+    """32 ShareGPT chats: half with a system prompt, half of two turns; the assistant names each review's sentiment."""
+    rows = [json.loads(line) for line in (ASSETS_DIR / "sentiment" / "train.jsonl").read_text().splitlines()[:64]]
+    chats = []
+    for index in range(32):
+        first, second = rows[2 * index], rows[2 * index + 1]
+        turns = [{"from": "human", "value": f"Review: {first['input']}"}, {"from": "gpt", "value": first["output"]}]
+        if index % 2:
+            turns += [{"from": "human", "value": f"Review: {second['input']}"},
+                      {"from": "gpt", "value": second["output"]}]
+        if index % 4 < 2:
+            turns.insert(0, {"from": "system", "value": "You name the sentiment of film reviews."})
+        chats.append({"conversations": turns})
+    path = tmp_path_factory.mktemp("chats") / "my_chats.jsonl"
+    path.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    return path
+
+
+def test_masks_without_markers_equal_those_of_the_marked_template(tiny_config, chat_model, sharegpt_chats):
+    config = tiny_config(f"model.name_or_path={chat_model}", f"data.path={sharegpt_chats}", "data.format=sharegpt")
+    rendered = prepare_sft_data(config.data, load_tokenizer(config.model), seed=42)
+    config.data.chat_template = MARKED_MODEL_TEMPLATE
+    marked = prepare_sft_data(config.data, load_tokenizer(config.model), seed=42)
+    assert (rendered.chat_masking, marked.chat_masking) == (BY_RENDERED_TURNS, BY_MARKERS)
+    assert rendered.train["input_ids"] == marked.train["input_ids"]
+    assert rendered.train["labels"] == marked.train["labels"]
+    tokenizer = load_tokenizer(config.model)
+    example = rendered.train[1]  # a system prompt and two turns: only the answers and their end-of-turn are trained
+    trained = [token for token, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+    assert tokenizer.decode(trained) == "negative<|im_end|>\npositive<|im_end|>\n<|end_of_text|>"
+
+
+def test_preview_says_how_assistant_tokens_were_found(tiny_config, chat_model, sharegpt_chats):
+    config = tiny_config(f"model.name_or_path={chat_model}", f"data.path={sharegpt_chats}", "data.format=sharegpt")
+    report = preview(config, examples=1)
+    assert f"chat rows: {BY_RENDERED_TURNS}" in report
+    assert "<|im_start|>assistant\n[[negative<|im_end|>\n<|end_of_text|>]]" in report
+
+
+def test_a_model_with_its_own_unmarked_template_trains_on_sharegpt_through_overrides(chat_model, sharegpt_chats,
+                                                                                     tmp_path):
+    result = run_cli("+recipe=tiny", f"model.name_or_path={chat_model}", f"data.path={sharegpt_chats}",
+                     "data.format=sharegpt", "training.max_steps=20", "training.batch_size=8",
+                     "training.logging_steps=5", "training.output_dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"chat rows: {BY_RENDERED_TURNS}" in result.stdout
+    assert "held-out check skipped: data.heldout_path=" in result.stdout  # the recipe's alpaca rows
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]  # steps 1, 5, 10, 15, 20
+    adapter = tmp_path / "run" / "adapter"
+    assert AutoTokenizer.from_pretrained(adapter).chat_template == MODEL_TEMPLATE  # served as trained: as it is
+
+    # plain transformers + peft, full precision: the adapter answers the training chats better than the base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    chat = load_formatted(DatasetSource(path=str(sharegpt_chats))).dataset[1]["messages"]
+    example = tokenize_example({"messages": chat}, tokenizer, TokenizeOptions(512, "truncate", False, MODEL_TEMPLATE))
+    batch = {"input_ids": torch.tensor([example["input_ids"]]), "labels": torch.tensor([example["labels"]])}
+    base_loss = AutoModelForCausalLM.from_pretrained(chat_model)(**batch).loss.item()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chat_model), adapter)
+    assert model(**batch).loss.item() < 0.5 * base_loss
