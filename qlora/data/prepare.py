@@ -93,7 +93,7 @@ def _tokenize_source(source: DatasetSource, data: DataConfig, tokenizer: PreTrai
         chat_template=chat_template,
         num_proc=data.num_proc,
     )
-    tokenized, stats = tokenize_dataset(rows.dataset, tokenizer, options, skipped=rows.skipped)
+    tokenized, stats = tokenize_dataset(rows.dataset, tokenizer, options, rows.skipped, rows.locate)
     log.info("%s (%s): %s", source.path, rows.format, stats.describe())
     return _TokenizedSource(tokenized, stats, rows.format, chat_masking)
 

@@ -11,6 +11,7 @@ and `labels` and only collates (and packs) them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import datasets
 import numpy as np
@@ -62,20 +63,28 @@ class DataStats:
 
 
 def tokenize_dataset(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, skipped: int = 0
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, skipped: int = 0,
+    locate: Callable[[int], str] | None = None,
 ) -> tuple[datasets.Dataset, DataStats]:
     """input_ids/labels for every example, long ones truncated or dropped, untrainable ones dropped, counted.
+    An example that cannot be tokenized is an error prefixed with locate(its index): its file and line.
 
     datasets fingerprints the function with its arguments (tokenizer and options included), so a second
     run over the same rows and tokenizer reads the result from its cache instead of tokenizing again.
     """
-    tokenized = dataset.map(
-        tokenize_example,
-        fn_kwargs={"tokenizer": tokenizer, "options": options},
-        remove_columns=dataset.column_names,
-        num_proc=options.num_proc,
-        desc="tokenizing",
-    )
+    try:
+        tokenized = dataset.map(
+            tokenize_example,
+            fn_kwargs={"tokenizer": tokenizer, "options": options},
+            remove_columns=dataset.column_names,
+            num_proc=options.num_proc,
+            desc="tokenizing",
+        )
+    except QLoRAError as error:
+        index = _first_untokenizable(dataset, tokenizer, options) if locate else None
+        if index is None:
+            raise
+        raise QLoRAError(f"{locate(index)}: {error}") from error
     status = np.array(tokenized["qlora_status"])
     kept = tokenized.filter(lambda s: s in ("", "truncated"), input_columns="qlora_status", num_proc=options.num_proc)
     kept = kept.remove_columns("qlora_status")
@@ -93,6 +102,18 @@ def tokenize_dataset(
         length_percentiles=length_percentiles(kept),
     )
     return kept, stats
+
+
+def _first_untokenizable(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions
+) -> int | None:
+    """The index of the first example tokenize_example refuses (found again here: map does not say which)."""
+    for index, example in enumerate(dataset):
+        try:
+            tokenize_example(example, tokenizer, options)
+        except QLoRAError:
+            return index
+    return None
 
 
 def length_percentiles(dataset: datasets.Dataset) -> dict[str, int]:
@@ -137,8 +158,8 @@ def _tokenize_messages(
         input_ids, mask = tokenize_conversation(messages, tokenizer, options.chat_template, options.train_on_prompt)
     except TemplateError as error:
         raise QLoRAError(
-            f"the chat template cannot render a conversation: {error}. Pick another data.chat_template (chatml "
-            f"and llama-3 take any role), or fix the rows. The conversation: {messages}"
+            f"the chat template cannot render this conversation: {error}. Pick another data.chat_template (chatml "
+            f"and llama-3 take any role), or fix the row."
         ) from error
     labels = [token if keep else IGNORE for token, keep in zip(input_ids, mask)]
     if tokenizer.eos_token_id is not None and input_ids[-1] != tokenizer.eos_token_id:
