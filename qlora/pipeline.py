@@ -17,18 +17,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-import datasets
 import torch
 from transformers import set_seed
 
 from qlora.config import TrainConfig
-from qlora.data import load_sft_dataset, prepare_sft_data
+from qlora.data import prepare_sft_data
 from qlora.errors import TrainingInterrupted
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
 from qlora.stages.faults import check_free_space, out_of_memory_error, step_callbacks
-from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
+from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match, heldout_examples
 from qlora.stages.memory import expected_training_peak
 from qlora.stages.model import (
     fit_embeddings_to_tokenizer,
@@ -79,7 +78,7 @@ def run_training(config: TrainConfig) -> RunSummary:
         tokenizer = load_tokenizer(config.model)
     with stage("data", seconds):
         data = prepare_sft_data(config.data, tokenizer, config.training.seed)
-        heldout = _heldout_examples(config)
+        heldout = heldout_examples(config.data.heldout_path, config.eval.exact_match_samples, data.formats)
         if state.is_main_process:
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
@@ -177,14 +176,6 @@ def resume_command(run_dir: Path) -> str:
     launcher = "accelerate launch [the same options] -m qlora.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
         else "python -m qlora.train"
     return " ".join([launcher, *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
-
-
-def _heldout_examples(config: TrainConfig) -> datasets.Dataset | None:
-    samples = config.eval.exact_match_samples
-    if config.data.heldout_path is None or samples == 0:
-        return None
-    heldout = load_sft_dataset(config.data.heldout_path, config.data.format)
-    return heldout.select(range(min(samples, len(heldout))))
 
 
 def _log_exact_match(when: str, result: ExactMatch) -> None:

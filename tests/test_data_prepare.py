@@ -1,6 +1,7 @@
 """The data stage: several datasets, validation splits, caching, and what the trainer gets."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from transformers import AutoTokenizer
 
 from qlora.config import ASSETS_DIR
 from qlora.data import IGNORE, prepare_sft_data
+from qlora.errors import QLoRAError
 
 EXAMPLES = ASSETS_DIR / "examples"
 SEVERAL = (f"data.datasets=[{{path: {EXAMPLES / 'alpaca.jsonl'}}},"
@@ -65,3 +67,29 @@ def test_num_proc_gives_the_same_examples(tiny_config, tokenizer):
     one = prepare_sft_data(tiny_config().data, tokenizer, seed=42)
     two = prepare_sft_data(tiny_config("data.num_proc=2").data, tokenizer, seed=42)
     assert two.train["input_ids"] == one.train["input_ids"] and two.train["labels"] == one.train["labels"]
+
+
+TOOL_CHAT = {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "tool", "content": "5"},
+                          {"role": "assistant", "content": "5"}]}
+PLAIN_CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]}
+# no markers, and a last assistant turn that ends unlike earlier ones: PLAIN_CHAT's turn 1 cannot be found by rendering
+LAST_TURN_DIFFERENT = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+                       "{{ '<end>' if loop.last and m['role'] == 'assistant' else '<next>' }}{% endfor %}")
+
+
+@pytest.mark.parametrize("chat_template, row, expected", [
+    ("llama-2", TOOL_CHAT, "the chat template cannot render this conversation: this chat template has no place "
+                           "for a message with role tool"),
+    (LAST_TURN_DIFFERENT, PLAIN_CHAT, "the chat template has no {% generation %} markers, and rendering turn by "
+                                      "turn cannot find the assistant's tokens at turn 1"),
+])
+def test_a_conversation_that_cannot_be_tokenized_names_file_and_line(tiny_config, tokenizer, tmp_path, chat_template,
+                                                                     row, expected):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, {"messages": []}, good, row)))
+    config = tiny_config(f"data.path={path}", "data.on_error=skip")  # the empty conversation on line 2 is skipped
+    config.data.chat_template = chat_template
+    with pytest.raises(QLoRAError, match=f"^{re.escape(f'{path}, line 4: {expected}')}"):
+        prepare_sft_data(config.data, tokenizer, seed=42)

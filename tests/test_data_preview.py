@@ -7,6 +7,7 @@ import sys
 from transformers import AutoTokenizer
 
 from qlora.config import ASSETS_DIR
+from qlora.data.masks import BY_MARKERS
 from qlora.data.preview import MASKED_COLOUR, RESET, TRAINED_COLOUR, preview, render_example
 
 
@@ -39,7 +40,8 @@ def test_preview_of_chat_data_shows_truncation_and_validation(tiny_config):
     config = tiny_config(f"data.path={ASSETS_DIR / 'examples' / 'sharegpt.jsonl'}", "data.chat_template=chatml",
                          "data.max_length=110", "data.val_size=1")
     report = preview(config, examples=5)
-    assert "first 2 training examples" in report and "validation data: 1 examples (2 left for training)" in report
+    assert report.startswith(f"chat rows: {BY_MARKERS}\nfirst 2 training examples")
+    assert "validation data: 1 examples (2 left for training)" in report
     assert "[[" in report and "<|im_start|>user" in report
     assert "truncated           1" in report
 

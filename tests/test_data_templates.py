@@ -32,11 +32,11 @@ def test_chat_data_without_any_template_names_the_fix(tokenizer):
         resolve_chat_template(tokenizer, None, train_on_prompt=False)
 
 
-def test_a_jinja_string_without_markers_needs_train_on_prompt(tokenizer):
-    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(QLoRAError, match=r"no \{% generation %\} markers.*data.train_on_prompt=true"):
-        resolve_chat_template(tokenizer, jinja, train_on_prompt=False)
-    assert resolve_chat_template(tokenizer, jinja, train_on_prompt=True) == jinja
+def test_a_template_without_markers_that_trl_does_not_know_is_used_as_it_is(tokenizer):
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # turns found by rendering: test_data_masks.py
+    assert resolve_chat_template(tokenizer, jinja, train_on_prompt=False) == jinja
+    tokenizer.chat_template = jinja
+    assert resolve_chat_template(tokenizer, None, train_on_prompt=False) == jinja
 
 
 def test_an_unknown_template_name_is_refused(tokenizer):

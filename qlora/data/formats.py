@@ -28,6 +28,9 @@ REQUIRED_FIELDS = {
     "text": ("text",),
 }
 OPTIONAL_FIELDS = {"alpaca": ("input", "system")}
+# The TRL shape each format becomes.
+TRL_SHAPES = {"messages": "messages", "sharegpt": "messages", "prompt_completion": "prompt/completion",
+              "alpaca": "prompt/completion", "text": "text"}
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -9,12 +9,12 @@ from pathlib import Path
 import datasets
 
 from qlora.config import DatasetSource
+from qlora.data.files import RowOrigins, Rows, read_local
 from qlora.data.formats import detect_format, to_trl_example
 from qlora.errors import QLoRAError
 
 log = logging.getLogger(__name__)
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Empty values of each TRL shape, standing in for malformed rows until they are filtered out.
 _PLACEHOLDERS = {
     "alpaca": {"prompt": "", "completion": ""},
@@ -32,16 +32,23 @@ class FormattedRows:
     dataset: datasets.Dataset
     format: str
     skipped: int
+    origins: RowOrigins
+    kept: list[int] | None = None  # the raw row index of each row, where malformed rows were skipped
+
+    def locate(self, index: int) -> str:
+        """The file and line (or row) that row `index` of `dataset` came from."""
+        return self.origins.locate(self.kept[index] if self.kept is not None else index)
 
 
 def load_sft_dataset(path: str, format: str = "auto") -> datasets.Dataset:
-    """Rows of `path` as prompt/completion, messages or text examples; a bad row raises naming its index."""
+    """Rows of `path` as prompt/completion, messages or text examples; a bad row raises naming its line or row."""
     return load_formatted(DatasetSource(path=path, format=format)).dataset
 
 
 def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int | None = None) -> FormattedRows:
     """Load `source`, rename its columns, detect its format and convert each row, raising or skipping bad ones."""
-    rows = load_rows(source.path, source.split)
+    read = read_rows(source.path, source.split, on_error)
+    rows, origins = read.dataset, read.origins  # only origins in convert: datasets hashes it for its cache
     renames = {theirs: ours for ours, theirs in asdict(source.columns).items() if theirs and theirs != ours}
     missing = sorted(set(renames) - set(rows.column_names))
     if missing:
@@ -58,42 +65,41 @@ def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int
         except ValueError as error:
             if on_error == "raise":
                 raise QLoRAError(
-                    f"{source.path}, row {index}: {error}. Fix the row, or set data.on_error=skip to skip "
+                    f"{origins.locate(index)}: {error}. Fix the row, or set data.on_error=skip to skip "
                     f"and count such rows."
                 ) from error
-            return {**_PLACEHOLDERS[format], "qlora_error": f"row {index}: {error}"}
+            return {**_PLACEHOLDERS[format], "qlora_error": str(error)}
 
     formatted = rows.map(
         convert, with_indices=True, remove_columns=rows.column_names, num_proc=num_proc,
         desc=f"formatting {format} rows",
     )
-    errors = [error for error in formatted["qlora_error"] if error]
+    errors = [(index, error) for index, error in enumerate(formatted["qlora_error"]) if error]
+    kept = None
     if errors:
-        log.warning(
-            "%s: skipped %d malformed row(s) (data.on_error=skip), e.g. %s", source.path, len(errors), errors[0]
-        )
+        kept = [index for index, error in enumerate(formatted["qlora_error"]) if not error]
+        index, error = errors[0]
+        log.warning("%s: skipped %d malformed row(s) (data.on_error=skip), e.g. %s: %s",
+                    source.path, len(errors), origins.locate(index), error)
         formatted = formatted.filter(lambda error: not error, input_columns="qlora_error", num_proc=num_proc)
     formatted = formatted.remove_columns("qlora_error")
+    skipped = len(errors) + read.skipped
     if len(formatted) == 0:
-        raise QLoRAError(f"{source.path}: no usable rows ({len(errors)} malformed, {len(rows)} in all).")
-    return FormattedRows(formatted, format, skipped=len(errors))
+        raise QLoRAError(f"{source.path}: no usable rows ({skipped} malformed, {len(rows) + read.skipped} in all).")
+    return FormattedRows(formatted, format, skipped, origins, kept)
 
 
 def load_rows(path: str, split: str = "train") -> datasets.Dataset:
     """The raw rows of a local file, a folder of files of one type, or split `split` of a Hub dataset."""
-    local = Path(path).expanduser()
+    return read_rows(path, split).dataset
+
+
+def read_rows(path: str, split: str = "train", on_error: str = "raise") -> Rows:
+    """load_rows's rows, with where each came from (file and line or row) and the unreadable lines skipped."""
+    if Path(path).expanduser().exists():
+        return read_local(path, on_error)
     try:
-        if local.is_file():
-            return datasets.load_dataset(_builder(local), data_files=str(local), split="train")
-        if local.is_dir():
-            files = sorted(p for p in local.rglob("*") if p.suffix in BUILDERS and p.is_file())
-            if not files:
-                raise QLoRAError(f"{path}: the folder holds no {', '.join(BUILDERS)} files.")
-            builders = {_builder(p) for p in files}
-            if len(builders) > 1:
-                raise QLoRAError(f"{path}: the folder mixes file types ({sorted(builders)}); keep one type per folder.")
-            return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
-        return datasets.load_dataset(path, split=split)
+        return Rows(datasets.load_dataset(path, split=split), RowOrigins(f"{path} (split {split})"))
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise QLoRAError(
             f"could not load dataset {path} (split {split}): not a local file or folder, and not reachable on "
@@ -102,10 +108,3 @@ def load_rows(path: str, split: str = "train") -> datasets.Dataset:
         ) from error
     except ValueError as error:  # e.g. an unknown split of a Hub dataset
         raise QLoRAError(f"could not load dataset {path} (split {split}): {error}") from error
-
-
-def _builder(file: Path) -> str:
-    builder = BUILDERS.get(file.suffix)
-    if builder is None:
-        raise QLoRAError(f"{file}: unsupported file type {file.suffix!r}; use one of {', '.join(BUILDERS)}.")
-    return builder

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora.config import DataConfig, DatasetSource
 from qlora.data.load import FormattedRows, load_formatted
+from qlora.data.masks import describe_chat_masking
 from qlora.data.templates import resolve_chat_template
 from qlora.data.tokenization import DataStats, TokenizeOptions, length_percentiles, tokenize_dataset
 
@@ -25,6 +26,16 @@ class SFTData:
     validation: datasets.Dataset | None
     stats: DataStats
     validation_stats: DataStats | None
+    formats: list[str]  # each training source's row format (alpaca, sharegpt, ...)
+    chat_masking: str | None = None  # for chat rows: which tokens are trained and how they were found, in words
+
+
+@dataclass
+class _TokenizedSource:
+    dataset: datasets.Dataset
+    stats: DataStats
+    format: str
+    chat_masking: str | None
 
 
 def data_sources(data: DataConfig) -> list[DatasetSource]:
@@ -45,14 +56,15 @@ def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed:
     """
     with PartialState().main_process_first():
         parts = [_tokenize_source(source, data, tokenizer) for source in data_sources(data)]
-        train = datasets.concatenate_datasets([part for part, _ in parts])
-        stats = _sum_stats([part_stats for _, part_stats in parts], train)
+        train = datasets.concatenate_datasets([part.dataset for part in parts])
+        stats = _sum_stats([part.stats for part in parts], train)
         if len(parts) > 1:
             train = train.shuffle(seed=seed)
         validation = validation_stats = None
         if data.val_path is not None:
             val_source = DatasetSource(path=data.val_path, columns=data.columns)
-            validation, validation_stats = _tokenize_source(val_source, data, tokenizer)
+            tokenized_validation = _tokenize_source(val_source, data, tokenizer)
+            validation, validation_stats = tokenized_validation.dataset, tokenized_validation.stats
         elif data.val_size:
             size = data.val_size if data.val_size < 1 else int(data.val_size)
             split = train.train_test_split(test_size=size, seed=seed)
@@ -60,16 +72,18 @@ def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed:
     log.info("training data: %s", stats.describe())
     if validation is not None:
         log.info("validation data: %d examples", len(validation))
-    return SFTData(train, validation, stats, validation_stats)
+    chat_masking = next((part.chat_masking for part in parts if part.chat_masking), None)
+    if chat_masking:
+        log.info("chat rows: %s", chat_masking)
+    return SFTData(train, validation, stats, validation_stats, [part.format for part in parts], chat_masking)
 
 
-def _tokenize_source(
-    source: DatasetSource, data: DataConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[datasets.Dataset, DataStats]:
+def _tokenize_source(source: DatasetSource, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> _TokenizedSource:
     rows: FormattedRows = load_formatted(source, data.on_error, data.num_proc)
-    chat_template = None
+    chat_template = chat_masking = None
     if "messages" in rows.dataset.column_names:
         chat_template = resolve_chat_template(tokenizer, data.chat_template, data.train_on_prompt)
+        chat_masking = describe_chat_masking(chat_template, data.train_on_prompt)
         # saved with the adapter's tokenizer, so that inference renders conversations as training did
         tokenizer.chat_template = chat_template
     options = TokenizeOptions(
@@ -79,9 +93,9 @@ def _tokenize_source(
         chat_template=chat_template,
         num_proc=data.num_proc,
     )
-    tokenized, stats = tokenize_dataset(rows.dataset, tokenizer, options, skipped=rows.skipped)
+    tokenized, stats = tokenize_dataset(rows.dataset, tokenizer, options, rows.skipped, rows.locate)
     log.info("%s (%s): %s", source.path, rows.format, stats.describe())
-    return tokenized, stats
+    return _TokenizedSource(tokenized, stats, rows.format, chat_masking)
 
 
 def _sum_stats(parts: list[DataStats], train: datasets.Dataset) -> DataStats:

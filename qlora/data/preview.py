@@ -44,6 +44,8 @@ def _report(data: SFTData, tokenizer: PreTrainedTokenizerBase, examples: int, co
     legend = f"trained tokens inside {TRAINED_OPEN} {TRAINED_CLOSE}"
     if colour:
         legend = "trained tokens in green, masked in grey"
+    if data.chat_masking:
+        yield f"chat rows: {data.chat_masking}"
     yield f"first {min(examples, len(data.train))} training examples ({legend}):"
     for index, example in enumerate(_first(data.train, examples)):
         yield f"\n--- example {index} ({len(example['input_ids'])} tokens) ---"

@@ -1,9 +1,10 @@
 """Chat templates: the tokenizer's own, one the package ships, or a Jinja string from the config.
 
-Loss on assistant turns only needs `{% generation %}` markers around what the assistant says
-(transformers' `return_assistant_tokens_mask`). The shipped templates have them and put the
-end-of-turn token inside the marked span, so the model learns to stop. When the tokenizer's own
-template lacks them, TRL's training variant of that template is used where TRL has one.
+Loss on assistant turns only needs to know which tokens the assistant says. The shipped templates mark
+them with `{% generation %}` (transformers' `return_assistant_tokens_mask`), the end-of-turn token
+inside the marked span, so the model learns to stop. When the tokenizer's own template lacks markers,
+TRL's training variant of it is used where TRL has one; any other template is used as it is, its
+assistant turns found by rendering the conversation turn by turn (qlora/data/masks.py).
 """
 
 from __future__ import annotations
@@ -87,35 +88,34 @@ SHIPPED_TEMPLATES = {
 
 
 def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None, train_on_prompt: bool) -> str:
-    """The template chat data is rendered with: data.chat_template, or the tokenizer's (a training variant)."""
+    """The template chat data is rendered with: data.chat_template, or the tokenizer's (TRL's training variant
+    of it, with markers, where TRL knows it)."""
     if chat_template is not None:
-        template = _named_or_jinja(chat_template)
-        source = f"data.chat_template={chat_template if chat_template in SHIPPED_TEMPLATES else '<jinja>'}"
-    elif tokenizer.chat_template:
-        template, source = tokenizer.chat_template, "the tokenizer's chat template"
-        if isinstance(template, dict):
-            template = template["default"]
-    else:
+        return _named_or_jinja(chat_template)
+    if not tokenizer.chat_template:
         raise QLoRAError(
             f"the dataset is chat data but the tokenizer has no chat template. Set data.chat_template to one "
             f"of {', '.join(SHIPPED_TEMPLATES)} (the one the model was trained with, for an instruct model) or "
             f"to a Jinja string."
         )
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template["default"]
     if train_on_prompt or has_generation_markers(template):
         return template
-    if chat_template is None:
-        try:
-            training_template = get_training_chat_template(tokenizer)
-        except ValueError:
-            training_template = None
-        if training_template:
-            log.info("using TRL's training variant of the tokenizer's chat template (it marks assistant turns)")
-            return training_template
-    raise QLoRAError(
-        f"{source} has no {{% generation %}} markers, so assistant turns cannot be told apart for the loss. "
-        f"Use a shipped template (data.chat_template={'|'.join(SHIPPED_TEMPLATES)}), add the markers around "
-        f"the assistant's content, or set data.train_on_prompt=true to train on every token."
-    )
+    training_template = _trl_training_variant(tokenizer)
+    if training_template:
+        log.info("using TRL's training variant of the tokenizer's chat template (it marks assistant turns)")
+        return training_template
+    return template
+
+
+def _trl_training_variant(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """TRL's copy of the tokenizer's template with `{% generation %}` markers, if TRL knows it byte for byte."""
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:  # a template TRL does not know
+        return None
 
 
 def _named_or_jinja(chat_template: str) -> str:

@@ -2,14 +2,16 @@
 
 The rules are TRL's (SFTTrainer's dataset preparation): EOS appended to completions and text, the
 completion starting where the tokenized prompt and prompt+completion diverge, assistant tokens from the
-template's `{% generation %}` markers. We run them here, before the trainer, so that the counts
-(truncated, dropped) are known and the preview shows exactly the tokens and labels the trainer gets;
-SFTTrainer sees `input_ids` and `labels` and only collates (and packs) them.
+template's `{% generation %}` markers (without markers, from rendering the conversation turn by turn:
+qlora/data/masks.py). We run them here, before the trainer, so that the counts (truncated, dropped) are
+known and the preview shows exactly the tokens and labels the trainer gets; SFTTrainer sees `input_ids`
+and `labels` and only collates (and packs) them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import datasets
 import numpy as np
@@ -17,6 +19,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import common_prefix_length
 
+from qlora.data.masks import tokenize_conversation
 from qlora.errors import QLoRAError
 
 IGNORE = -100  # the label of a token without loss (PyTorch's cross-entropy ignore_index)
@@ -27,7 +30,7 @@ class TokenizeOptions:
     max_length: int
     truncation: str  # truncate | drop
     train_on_prompt: bool
-    chat_template: str | None  # for messages rows
+    chat_template: str | None  # for messages rows (resolve_chat_template's)
     num_proc: int | None = None
 
 
@@ -60,20 +63,28 @@ class DataStats:
 
 
 def tokenize_dataset(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, skipped: int = 0
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions, skipped: int = 0,
+    locate: Callable[[int], str] | None = None,
 ) -> tuple[datasets.Dataset, DataStats]:
     """input_ids/labels for every example, long ones truncated or dropped, untrainable ones dropped, counted.
+    An example that cannot be tokenized is an error prefixed with locate(its index): its file and line.
 
     datasets fingerprints the function with its arguments (tokenizer and options included), so a second
     run over the same rows and tokenizer reads the result from its cache instead of tokenizing again.
     """
-    tokenized = dataset.map(
-        tokenize_example,
-        fn_kwargs={"tokenizer": tokenizer, "options": options},
-        remove_columns=dataset.column_names,
-        num_proc=options.num_proc,
-        desc="tokenizing",
-    )
+    try:
+        tokenized = dataset.map(
+            tokenize_example,
+            fn_kwargs={"tokenizer": tokenizer, "options": options},
+            remove_columns=dataset.column_names,
+            num_proc=options.num_proc,
+            desc="tokenizing",
+        )
+    except QLoRAError as error:
+        index = _first_untokenizable(dataset, tokenizer, options) if locate else None
+        if index is None:
+            raise
+        raise QLoRAError(f"{locate(index)}: {error}") from error
     status = np.array(tokenized["qlora_status"])
     kept = tokenized.filter(lambda s: s in ("", "truncated"), input_columns="qlora_status", num_proc=options.num_proc)
     kept = kept.remove_columns("qlora_status")
@@ -93,6 +104,18 @@ def tokenize_dataset(
     return kept, stats
 
 
+def _first_untokenizable(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions
+) -> int | None:
+    """The index of the first example tokenize_example refuses (found again here: map does not say which)."""
+    for index, example in enumerate(dataset):
+        try:
+            tokenize_example(example, tokenizer, options)
+        except QLoRAError:
+            return index
+    return None
+
+
 def length_percentiles(dataset: datasets.Dataset) -> dict[str, int]:
     """Median, 90th and 99th percentile and longest example length, in tokens."""
     lengths = np.array([len(ids) for ids in dataset["input_ids"]] or [0], dtype=int)
@@ -102,7 +125,7 @@ def length_percentiles(dataset: datasets.Dataset) -> dict[str, int]:
 def tokenize_example(example: dict, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions) -> dict:
     """One example's input_ids and labels, plus its status: '', truncated, too_long or no_trainable."""
     if example.get("messages"):
-        input_ids, labels = _tokenize_messages(example["messages"], tokenizer, options.chat_template)
+        input_ids, labels = _tokenize_messages(example["messages"], tokenizer, options)
     elif example.get("prompt") is not None:
         input_ids, labels = _tokenize_prompt_completion(example["prompt"], example["completion"], tokenizer)
     else:
@@ -129,18 +152,15 @@ def _tokenize_prompt_completion(prompt: str, completion: str, tokenizer: PreTrai
 
 
 def _tokenize_messages(
-    messages: list[dict], tokenizer: PreTrainedTokenizerBase, chat_template: str | None
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions
 ) -> tuple[list, list]:
     try:
-        output = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+        input_ids, mask = tokenize_conversation(messages, tokenizer, options.chat_template, options.train_on_prompt)
     except TemplateError as error:
         raise QLoRAError(
-            f"the chat template cannot render a conversation: {error}. Pick another data.chat_template (chatml "
-            f"and llama-3 take any role), or fix the rows. The conversation: {messages}"
+            f"the chat template cannot render this conversation: {error}. Pick another data.chat_template (chatml "
+            f"and llama-3 take any role), or fix the row."
         ) from error
-    input_ids, mask = list(output["input_ids"]), list(output["assistant_masks"])
     labels = [token if keep else IGNORE for token, keep in zip(input_ids, mask)]
     if tokenizer.eos_token_id is not None and input_ids[-1] != tokenizer.eos_token_id:
         # Every example ends with EOS; it is trained when the conversation ends on the assistant's turn,

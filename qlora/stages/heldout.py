@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,12 @@ from typing import Optional
 import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from qlora.config import DatasetSource
+from qlora.data.formats import TRL_SHAPES
+from qlora.data.load import load_formatted
+
+log = logging.getLogger("qlora")
 
 
 @dataclass
@@ -23,6 +30,27 @@ class ExactMatch:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+
+def heldout_examples(path: Optional[str], samples: int, training_formats: list[str]) -> Optional[datasets.Dataset]:
+    """The first `samples` held-out rows, read in their own format; None (saying why) when they cannot test the
+    model: no file, no samples, or rows of another shape than the training data's (a recipe's held-out file
+    belongs to the recipe's data, which data.path may have replaced) or without reference answers."""
+    if path is None or samples == 0:
+        return None
+    heldout = load_formatted(DatasetSource(path=path))
+    shape = TRL_SHAPES[heldout.format]
+    if shape == "text":
+        log.info("held-out check skipped: data.heldout_path=%s holds text rows, which have no reference answers", path)
+        return None
+    if shape not in {TRL_SHAPES[name] for name in training_formats}:
+        trained = " and ".join(sorted({f"{TRL_SHAPES[name]} rows ({name})" for name in training_formats}))
+        log.info("held-out check skipped: data.heldout_path=%s holds %s rows (%s) while the training data has %s, "
+                 "so its prompts would not test what the model learns (a recipe's held-out file goes with the "
+                 "recipe's data); set data.heldout_path to held-out rows like your data's to check them",
+                 path, shape, heldout.format, trained)
+        return None
+    return heldout.dataset.select(range(min(samples, len(heldout.dataset))))
 
 
 def exact_match(
