@@ -179,6 +179,9 @@ class PerformanceConfig:
     # go to pinned host memory, copied on a stream of their own while the GPU computes, and come back one layer
     # ahead of the backward pass (qlora/stages/offload.py)
     offload_checkpoints: bool = True
+    # while training on a GPU (one process), the frozen input embedding table stays in host memory and only the
+    # rows of a step's tokens are copied to the GPU (qlora/stages/host_embeddings.py): vocabulary x hidden size less
+    embeddings_on_host: bool = True
     # a micro-batch of more tokens than this runs each decoder layer's MLP in chunks of this many tokens, so that
     # no tokens x intermediate-size tensor exists at once (qlora/stages/chunked_mlp.py); 0 runs it whole
     mlp_chunk_tokens: int = 4096

@@ -133,6 +133,36 @@ def test_offloaded_checkpoints_compute_the_same_on_cuda(tiny_config):
     _assert_same_up_to_bf16(result, run(offloaded=False))
 
 
+def test_embeddings_on_host_free_the_table_and_train_the_same_on_cuda(tiny_config, tmp_path):
+    """performance.embeddings_on_host: while training the input embedding table is in host memory (its bytes leave
+    the GPU) and its rows come to the GPU; the losses are the run's without the switch, the held-out check during
+    training generates on the GPU, and the table is back on the GPU when training ends."""
+    from qlora.stages.host_embeddings import move_back, move_to_host, movable_embedding
+
+    model = load_quantized_model(tiny_config(*GPU_SETTINGS).model, tiny_config(*GPU_SETTINGS).quantization,
+                                 torch.device("cuda", 0))
+    embedding = movable_embedding(model.requires_grad_(False))
+    ids = torch.randint(3, 500, (2, 24), device="cuda")
+    expected = embedding(ids)
+    before = torch.cuda.memory_allocated()
+    move_to_host(embedding)
+    table = embedding.weight
+    assert table.device.type == "cpu" and before - torch.cuda.memory_allocated() >= table.numel() * table.element_size()
+    rows = embedding(ids)
+    assert rows.device.type == "cuda" and torch.equal(rows, expected)
+    move_back(embedding)
+    assert embedding.weight.device.type == "cuda"
+
+    settings = (*GPU_SETTINGS, "training.max_steps=6", "training.logging_steps=1", "training.eval_steps=3",
+                "eval.during_training=true", "eval.exact_match_samples=4")
+    runs = [run_training(tiny_config(*settings, f"performance.embeddings_on_host={on}",
+                                     f"training.output_dir={tmp_path / on}")) for on in ("true", "false")]
+    losses = [[row["loss"] for row in map(json.loads, open(f"{run.run_dir}/metrics.jsonl")) if "loss" in row]
+              for run in runs]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-3)
+    assert "input embedding table" in (tmp_path / "true" / "train.log").read_text()
+
+
 def test_chunked_mlp_computes_the_same_on_cuda(tiny_config):
     """performance.mlp_chunk_tokens with compiled layers, under gradient checkpointing and autocast: the MLPs in
     chunks of 64 of the 256 tokens give the loss and LoRA gradients of the whole MLPs."""

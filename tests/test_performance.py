@@ -24,13 +24,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def test_schema_defaults_are_on_and_off_turns_every_switch_off(tiny_config):
     fast = tiny_config("+recipe=llama7b").performance
     assert fast.torch_compile and fast.fused_lora and fast.reuse_recomputed_weights and fast.compiled_dequantize
-    assert fast.offload_checkpoints and fast.mlp_chunk_tokens == 4096
+    assert fast.offload_checkpoints and fast.mlp_chunk_tokens == 4096 and fast.embeddings_on_host
     assert not fast.frozen_weights_float32 and not fast.liger_kernel  # Inductor fuses what Liger would
     assert not tiny_config().performance.torch_compile  # the CPU recipe: compiling would take as long as training
     off = tiny_config("performance=off").performance
     assert not off.liger_kernel and off.frozen_weights_float32 and not off.fused_lora
     assert not off.reuse_recomputed_weights and not off.activation_offloading and not off.torch_compile
     assert not off.compiled_dequantize and not off.offload_checkpoints and off.mlp_chunk_tokens == 0
+    assert not off.embeddings_on_host
 
 
 def _prepared(config):

@@ -22,6 +22,8 @@ The terms model the code as it trains today:
   full logits.
 - performance.reuse_recomputed_weights (fused LoRA under gradient checkpointing): the recomputed layer keeps its
   dequantized weights until its backward pass.
+- performance.embeddings_on_host: an untied input embedding table is in host memory while training (on a GPU, one
+  process); its bytes leave the training weights, not the loaded footprint.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from qlora.config import ASSETS_DIR, ModelConfig, TrainConfig
 from qlora.errors import QLoRAError
 from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
+from qlora.stages.host_embeddings import keeps_embeddings_on_host
 from qlora.stages.offload import offloads_checkpoints
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,7 @@ class ParameterCounts:
     quantized_rows: int  # output features of the quantized layers (int8 keeps a scale per row)
     largest_quantized: int  # elements of the largest quantized weight (dequantized for each matmul)
     unquantized: int  # embeddings, norms, lm_head, biases
+    host_embeddings: int  # the input embedding table where it can be in host memory while training (untied, frozen)
     lora: int  # trainable: adapters (+ DoRA magnitudes, modules_to_save copies)
     largest_tensor: int  # elements of the largest weight of all: what loading holds in full precision at once
 
@@ -102,7 +106,8 @@ class MemoryPlan:
     largest_tensor_bytes: int
     largest_shard_bytes: Optional[int]  # known when the checkpoint is a local folder
     # training
-    weights: int  # after k-bit preparation (unquantized weights in float32)
+    weights: int  # after k-bit preparation (unquantized weights in float32), while training
+    host_embeddings: int  # the input embedding table in host memory while training (performance.embeddings_on_host)
     lora_and_optimizer: int  # adapters, their gradients and optimizer states in torch's allocator
     paged_optimizer: int  # paged optimizer states: CUDA unified memory, outside torch's allocator
     activations: int  # with the configured gradient checkpointing
@@ -182,6 +187,7 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     if keeps_recomputed_tensors(config):  # the recomputed layer keeps every dequantized weight until its backward
         dequantized = params.quantized // layers * compute
     lora_bytes = 4 if method == "none" or compute == 4 else 2
+    on_host = params.host_embeddings * residual if keeps_embeddings_on_host(config, on_gpu=True) else 0
     optimizer, paged = optimizer_bytes(config.training.optim, params.lora, lora_bytes)
     return MemoryPlan(
         architecture_source=architecture.source,
@@ -195,7 +201,8 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         largest_tensor_bytes=params.largest_tensor * load,
         largest_shard_bytes=largest_shard_bytes(config.model),
         # k-bit preparation: every weight that is not 4/8-bit becomes float32 (or goes back to the compute dtype)
-        weights=quantized + statistics + params.unquantized * residual,
+        weights=quantized + statistics + params.unquantized * residual - on_host,
+        host_embeddings=on_host,
         lora_and_optimizer=params.lora * lora_bytes * 2 + optimizer,  # weights, gradients, states
         paged_optimizer=paged,
         activations=with_checkpointing if config.training.gradient_checkpointing else without_checkpointing,
@@ -251,14 +258,21 @@ def count_parameters(model_config: PretrainedConfig, config: TrainConfig) -> Par
     lora = sum(config.lora.r * (m.in_features + m.out_features) for m in adapted)
     if config.lora.use_dora:
         lora += sum(m.out_features for m in adapted)  # one magnitude per output feature
-    for name in config.lora.modules_to_save or []:
+    trained = set(config.lora.modules_to_save or [])
+    for name in trained:
         lora += sum(p.numel() for n, p in model.named_parameters() if n.split(".")[-2] == name)
+    embedding = model.get_input_embeddings()
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    host_embeddings = embedding.weight.numel() if (
+        type(embedding) is torch.nn.Embedding and names.get(embedding) not in trained
+        and (output is None or output.weight is not embedding.weight)) else 0
     return ParameterCounts(
         quantized=sum(quantized),
         quantized_tensors=len(quantized),
         quantized_rows=sum(m.out_features for m in quantized_layers),
         largest_quantized=max(quantized, default=0),
         unquantized=total - sum(quantized),
+        host_embeddings=host_embeddings,
         lora=lora,
         largest_tensor=max(p.numel() for p in model.parameters()),
     )

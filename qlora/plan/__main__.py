@@ -80,6 +80,8 @@ def render(plan: MemoryPlan, config: PlanConfig) -> str:
         f"  logits and loss (TRL's fused head, in tiles) {_gib(plan.logits_loss)}",
         f"  workspace (dequantized weights, cuBLAS) {_gib(plan.workspace)}",
     ]
+    if plan.host_embeddings:
+        lines.append(f"  + the input embedding table, in host memory while training {_gib(plan.host_embeddings)}")
     if plan.paged_optimizer:
         lines.append(f"  + paged optimizer states, in CUDA unified memory outside torch's allocator "
                      f"{_gib(plan.paged_optimizer)}")

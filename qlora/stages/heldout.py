@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from qlora.config import DatasetSource
 from qlora.data.formats import TRL_SHAPES
 from qlora.data.load import load_formatted
+from qlora.stages.host_embeddings import on_device
 
 log = logging.getLogger("qlora")
 
@@ -82,19 +83,21 @@ def generate_answers(
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
     answers: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-            batch = batch.to(model.device)
-            with torch.compiler.set_stance("force_eager"):  # compiled layers would compile again for every length
-                output = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        # generation takes the model's device from its input embeddings, which may be in host memory while training
+        with on_device(model):
+            for start in range(0, len(prompts), batch_size):
+                batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+                batch = batch.to(model.device)
+                with torch.compiler.set_stance("force_eager"):  # compiled layers would compile again for every length
+                    output = model.generate(
+                        **batch,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                    )
+                new_tokens = output[:, batch["input_ids"].shape[1] :]
+                answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

@@ -19,6 +19,7 @@ from trl import SFTConfig
 from qlora.config import PerformanceConfig, TrainConfig, report_destinations
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import AtomicCheckpointTrainer
+from qlora.stages.host_embeddings import EmbeddingsOnHost, keeps_embeddings_on_host
 from qlora.stages.memory import planned_batch_size
 from qlora.stages.offload import OffloadCheckpoints, offloads_checkpoints
 from qlora.stages.processes import uses_fsdp
@@ -133,6 +134,8 @@ def build_trainer(
     )
     if offloads_checkpoints(config, on_gpu=torch.cuda.is_available(), sharded=uses_fsdp()):
         trainer.add_callback(OffloadCheckpoints())
+    if keeps_embeddings_on_host(config, on_gpu=torch.cuda.is_available(), processes=trainer.args.world_size):
+        trainer.add_callback(EmbeddingsOnHost())
     trainer.remove_callback(ProgressCallback)  # one bar, ours, with loss, lr, tokens/s and ETA
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(TrainingProgress(rate=rate))
