@@ -122,6 +122,16 @@ def test_fused_lora_computes_peft_function(tiny_config, dropout):
         assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("shape", [(4, 64), (3, 5, 7), (1,)])
+def test_dropout_masks_are_kept_eight_to_a_byte(shape):
+    from qlora.stages.fused_lora import pack_bits, unpack_bits
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_reused_recomputed_weights_save_a_dequantization_and_compute_the_same(tiny_config, monkeypatch, dropout):
     """performance.reuse_recomputed_weights under gradient checkpointing: each 4-bit weight is dequantized twice

@@ -53,8 +53,8 @@ GiB = 2**30
 SAVED_PER_TOKEN = {2: (27.8, 14.9, 4.5), 4: (30.3, 17.5, 9.0)}  # compute bytes -> (hidden, intermediate, kv)
 DROPOUT_PER_INPUT = {2: 1.9, 4: 5.15}  # LoRA dropout's mask and output, per element of each adapted layer's input
 # performance.fused_lora: the fused LoRA function keeps the layer's input (as LoRA without dropout does) and only
-# a 1-byte mask per adapted layer
-FUSED_DROPOUT_PER_INPUT = 1.0
+# a mask per adapted layer, eight elements to a byte
+FUSED_DROPOUT_PER_INPUT = 0.125
 # The GPU default (bf16 compute, frozen weights and residual stream in bf16, compiled decoder layers, fused LoRA,
 # offloaded checkpoints, the MLP in chunks): beyond the checkpoints kept on the GPU and the dropout masks, the
 # training peak grows by this many bytes per token and per unit of hidden size, and per token of one MLP chunk and

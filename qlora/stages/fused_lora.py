@@ -9,8 +9,9 @@ forward pass, in its recomputation under gradient checkpointing and in the backw
     backward  dx = dy W + dropout'((scaling * dy B) A)
               dA = (scaling * dy B)^T dropout(x);  dB = scaling * dy^T (dropout(x) A^T)
 
-The same function, fewer kernels and Python calls; dropout keeps only its 1-byte mask (the input is saved once,
-shared by the layers that read it). The function returns the base output and the LoRA term apart, and the layer
+The same function, fewer kernels and Python calls; dropout keeps only its mask, eight to a byte (the input is saved
+once, shared by the layers that read it): a decoder layer's seven masks are one byte per element of their inputs
+(139 MiB for Llama-2-7B at 4,096 tokens) as torch's booleans, an eighth of it packed. The function returns the base output and the LoRA term apart, and the layer
 adds them, so that under torch.compile Inductor may fuse that add into whatever reads the layer's output next.
 Adding inside the function costs a pass over the output of its own: an addmm into a new tensor first copies the
 base output there, and in place torch 2.11's compile makes every LoRA gradient zero (pytorch/pytorch#180642).
@@ -22,7 +23,8 @@ Under gradient checkpointing a layer's saved tensors live only from its recomput
 follows at once, so there (`performance.reuse_recomputed_weights`) the function keeps the dequantized weight too:
 the backward pass then does not dequantize again, for one decoder layer's weights in the compute dtype of memory.
 The first, checkpointed forward pass keeps none of it: the checkpoint discards what it saves. The dropout output is
-never kept (one tensor per layer of the input's size, where the input and a 1-byte mask are shared or smaller).
+never kept (one tensor per layer of the input's size, where the input is shared and the packed mask is an eighth
+of a byte per element).
 """
 
 from __future__ import annotations
@@ -120,14 +122,15 @@ class LoRA4bitLinear(torch.autograd.Function):
         xa = x_dropped @ lora_a.t()
         lora = (xa * scaling) @ lora_b.t()
         # x, not dropout(x): x is one tensor shared by the layers that read it, dropout(x) one per layer
-        ctx.save_for_backward(x, mask, xa, lora_a, lora_b, dequantized)
+        ctx.save_for_backward(x, None if mask is None else pack_bits(mask), xa, lora_a, lora_b, dequantized)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, 1 / (1 - p)
         ctx.in_torch = in_torch
         return y, lora
 
     @staticmethod
     def backward(ctx, dy, dy_lora):  # both the layer output's gradient: the layer adds the two outputs
-        x, mask, xa, lora_a, lora_b, dequantized = ctx.saved_tensors
+        x, packed_mask, xa, lora_a, lora_b, dequantized = ctx.saved_tensors
+        mask = None if packed_mask is None else unpack_bits(packed_mask, x.shape)
         dy, dy_lora = dy.to(x.dtype), dy_lora.to(x.dtype)
         dxa = dy_lora @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
         dx = da = db = None
@@ -146,6 +149,22 @@ class LoRA4bitLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             db = dy_lora.t() @ (xa * ctx.scaling)
         return dx, da, db, None, None, None, None, None, None
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as uint8, eight elements to a byte (the first in the lowest bit); padded to a multiple of 8."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """pack_bits' boolean tensor of `shape`, back."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.view(-1)[: shape.numel()].view(shape).bool()
 
 
 @contextmanager
