@@ -80,7 +80,8 @@ def _looked_up_on_host(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, weight, self.padding_idx)
     rows = torch.empty((ids.numel(), weight.shape[1]), dtype=weight.dtype, device=weight.device,
                        pin_memory=self.qlora_device.type == "cuda")
-    # the token ids come to the host first: a wait for the GPU to reach this step, where the step starts anyway
+    # the token ids come to the host first, a wait for the GPU to reach this step: 1% of Llama-2-7B's tokens/s at
+    # 2 x 2048 on an H200, with the gather and the copy (scripts/benchmarks/results/2026-11-29-h200-session2.md)
     torch.index_select(weight, 0, ids.to(weight.device).reshape(-1), out=rows)
     return rows.view(*ids.shape, weight.shape[1]).to(self.qlora_device, non_blocking=True)
 
