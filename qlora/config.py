@@ -240,6 +240,7 @@ class MergeConfig:
     dtype: str = "bfloat16"
     from_dequantized: bool = False  # merge into the dequantized 4-bit weights the adapter was trained on
     max_shard_size: str = "5GB"
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 @dataclass
@@ -263,6 +264,7 @@ class GenerateConfig:
     stream: bool = True
     batch_size: int = 8
     seed: int = 42
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 @dataclass
@@ -279,6 +281,7 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     regex: Optional[str] = None  # an answer is right when this pattern's match (group 1 if any) equals the reference
     output_file: Optional[str] = None  # default: eval.json in the run folder (or beside the adapter)
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 def report_destinations(training: TrainingConfig) -> list[str]:

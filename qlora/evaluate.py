@@ -21,17 +21,17 @@ from qlora.config import DatasetSource, EvaluateConfig, typed_config
 from qlora.data import prepare_sft_data
 from qlora.data.load import load_formatted
 from qlora.errors import QLoRAError
-from qlora.runs import find_adapter, load_adapted_model
+from qlora.runs import load_adapted_model
 from qlora.stages.heldout import generate_answers, score_answers
 
 log = logging.getLogger("qlora")
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    adapter_dir, _ = find_adapter(config.run, config.adapter, config.base)  # fail early on a bad run=
     if config.data.path is None:
         raise QLoRAError("nothing to evaluate on: set data.path=eval.jsonl (any format training accepts).")
-    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
+    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base,
+                                               trust_remote_code=config.trust_remote_code)
     # tokenized and masked by the same code as training (the adapter's tokenizer keeps its chat template)
     dataset = prepare_sft_data(config.data, tokenizer, seed=0).train
     rows = load_formatted(DatasetSource(config.data.path, config.data.format, config.data.split,
@@ -62,7 +62,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     elif config.generation:
         log.info("%s has no reference answers (text rows): reporting loss and perplexity only", config.data.path)
 
-    target = Path(config.output_file or Path(config.run or adapter_dir.parent) / "eval.json").expanduser()
+    beside = Path(config.run) if config.run else Path(config.adapter).parent  # the run folder, or the adapter's
+    target = Path(config.output_file or beside / "eval.json").expanduser()
     target.write_text(json.dumps(results, indent=2) + "\n")
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
     log.info("evaluated %d examples of %s: %s; written to %s", len(dataset), config.data.path, metrics, target)

@@ -36,6 +36,7 @@ from qlora.stages.model import (
     load_quantized_model,
     load_tokenizer,
     prepare_for_kbit_training,
+    warn_about_remote_code,
 )
 from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
 from qlora.stages.progress import quiet_library_noise
@@ -75,6 +76,7 @@ def run_training(config: TrainConfig) -> RunSummary:
     set_seed(config.training.seed)  # LoRA's initial weights come from this seed
 
     check_performance_support(config.performance, state.device)
+    warn_about_remote_code(config.model)  # before the tokenizer, the first to load with it
     with stage("tokenizer", seconds):
         tokenizer = load_tokenizer(config.model)
     with stage("data", seconds):
