@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qlora.config import ModelConfig, QuantizationConfig, TrainConfig
 from qlora.errors import QLoRAError
-from qlora.stages.model import warn_about_remote_code
+from qlora.stages.model import load_quantized_model, warn_about_remote_code
 
 log = logging.getLogger("qlora")
 
@@ -66,7 +66,6 @@ def load_adapted_model(
     """The base model quantized as in training (nf4 defaults without a run) with the adapter on top,
     the tokenizer training saved with the adapter, and the run's config if there is a run."""
     from qlora.stages.artifacts import adapter_tensor_names
-    from qlora.stages.model import load_quantized_model
 
     adapter_dir, base_model = find_adapter(run, adapter, base, trust_remote_code=trust_remote_code)
     if not adapter_tensor_names(Path(adapter_dir)):  # peft would only warn, and answer as the untrained base
