@@ -27,7 +27,8 @@ from qlora.errors import TrainingInterrupted
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
-from qlora.stages.faults import check_free_space, out_of_memory_error, step_callbacks
+from qlora.stages.disk_space import check_free_space
+from qlora.stages.faults import out_of_memory_error, step_callbacks
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
 from qlora.stages.memory import expected_training_peak
 from qlora.stages.model import (

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import Trainer
 from trl import SFTTrainer
@@ -16,7 +18,7 @@ import qlora.pipeline
 from conftest import run_with_fault
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
-from qlora.stages import faults
+from qlora.stages import disk_space, faults
 from qlora.stages.artifacts import prepare_run_dir
 
 FAST = ("training.batch_size=4", "training.logging_steps=1", "eval.exact_match_samples=0")
@@ -166,26 +168,70 @@ def test_out_of_memory_names_the_stage_and_the_fix(tiny_config, monkeypatch):
 
 
 def test_too_little_disk_space_is_refused_before_training(tiny_config, monkeypatch):
-    monkeypatch.setattr(faults.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1024})())
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1024})())
     with pytest.raises(QLoRAError, match="not enough disk space in training.output_dir=.*GiB free"):
         run_training(tiny_config(*FAST))
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(tiny_config, monkeypatch):
+def save_fails_at_step(monkeypatch, step: int, error: Exception, free_after: int) -> None:
+    """The disk has room until the save of `step`, which fails with `error`, leaving `free_after` bytes free."""
+    free = {"bytes": 2**40}
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free["bytes"]})())
     save_rng_state = Trainer._save_rng_state
 
-    def disk_full_at_step_4(self, output_dir):
-        if self.state.global_step == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def fail_at_step(self, output_dir):
+        if self.state.global_step == step:
+            free["bytes"] = free_after
+            raise error
         save_rng_state(self, output_dir)
 
-    monkeypatch.setattr(Trainer, "_save_rng_state", disk_full_at_step_4)
+    monkeypatch.setattr(Trainer, "_save_rng_state", fail_at_step)
+
+
+# what a full disk raises: an OSError from Python's own writes; from torch.save only its zip writer's complaint
+DISK_FULL = {"oserror": OSError(errno.ENOSPC, "No space left on device"),
+             "torch": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 255872 vs 255760")}
+
+
+@pytest.mark.parametrize("error", DISK_FULL.values(), ids=DISK_FULL.keys())
+def test_a_full_disk_during_a_save_says_so_first_and_keeps_the_previous_checkpoint(tiny_config, monkeypatch, error):
+    save_fails_at_step(monkeypatch, 4, error, free_after=3 * 2**20)
     config = tiny_config(*FAST, "training.max_steps=4", "training.save_steps=2")
-    with pytest.raises(QLoRAError, match="could not save the checkpoint of step 4.*No space left.*checkpoint-2 is intact"):
-        run_training(config)
     checkpoints = Path(config.training.output_dir) / "checkpoints"
+    with pytest.raises(QLoRAError) as raised:
+        run_training(config)
+    assert str(raised.value).startswith(f"no space left on {checkpoints} (3.0 MiB free) while saving the checkpoint of "
+                                        f"step 4. Nothing was lost: the previous checkpoint {checkpoints}/checkpoint-2 "
+                                        f"is intact.")
     assert sorted(p.name for p in checkpoints.iterdir() if not p.name.endswith(".md")) == ["checkpoint-2"]
     assert (checkpoints / "checkpoint-2/adapter_model.safetensors").is_file()
+
+
+def test_a_failed_save_with_space_left_names_the_error(tiny_config, monkeypatch):
+    save_fails_at_step(monkeypatch, 2, PermissionError(errno.EACCES, "Permission denied"), free_after=2**40)
+    with pytest.raises(QLoRAError, match=r"could not save the checkpoint of step 2 in .*Permission denied.*\(none yet\)"):
+        run_training(tiny_config(*FAST, "training.max_steps=2", "training.save_steps=2"))
+
+
+def test_a_full_disk_while_saving_the_adapter_says_so_and_leaves_no_partial_folder(tiny_config, monkeypatch):
+    config = tiny_config(*FAST, "training.max_steps=2", "training.save_steps=2")
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**40})())
+    save_pretrained = PeftModel.save_pretrained
+
+    def disk_full_in_the_run_folder(self, folder, *args, **kwargs):
+        if Path(folder).name == "adapter.partial":
+            monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**20})())
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_pretrained(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", disk_full_in_the_run_folder)
+    with pytest.raises(QLoRAError) as raised:
+        run_training(config)
+    run_dir = Path(config.training.output_dir)
+    assert str(raised.value).startswith(f"no space left on {run_dir} (1.0 MiB free) while saving the adapter; the "
+                                        f"checkpoints in {run_dir / 'checkpoints'} are kept.")
+    assert not (run_dir / "adapter.partial").exists() and not (run_dir / "adapter").exists()
+    assert (run_dir / "checkpoints/checkpoint-2/adapter_model.safetensors").is_file()
 
 
 def test_unwritable_output_folder_is_a_clear_error(tiny_config, monkeypatch):

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase, Trainer
 
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
+from qlora.stages.disk_space import WRITE_ERRORS, adapter_bytes, no_space_left, out_of_space
 
 PACKAGES = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "hydra-core")
 
@@ -110,7 +111,12 @@ def save_adapter(
     """
     final, partial = run_dir / "adapter", run_dir / "adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=state_dict)
+    try:
+        model.save_pretrained(partial, state_dict=state_dict)
+        tokenizer.save_pretrained(partial)
+    except WRITE_ERRORS as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _adapter_save_error(error, run_dir, model) from error
     if not adapter_tensor_names(partial):
         # e.g. a state dict gathered without the adapter's weights: an empty adapter would load silently as
         # the untrained base model, so refuse it and keep whatever adapter/ already holds
@@ -119,11 +125,23 @@ def save_adapter(
             f"so it was not saved as {final}. This is a bug in how the weights were gathered; the checkpoints "
             f"in {run_dir / 'checkpoints'} are kept."
         )
-    tokenizer.save_pretrained(partial)
     if final.exists():  # only with training.overwrite_output_dir=true (a resume moved it aside)
         shutil.rmtree(final)
     partial.rename(final)
     return final
+
+
+def _adapter_save_error(error: Exception, run_dir: Path, model: PeftModel) -> QLoRAError:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if out_of_space(error, run_dir, adapter_bytes(trainable)):
+        problem = f"{no_space_left(run_dir)} while saving the adapter"
+    else:
+        problem = f"could not save the adapter to {run_dir / 'adapter'}"
+    return QLoRAError(
+        f"{problem}; the checkpoints in {run_dir / 'checkpoints'} are kept. Free disk space or fix the folder's "
+        f"permissions, then run the same command with training.resume=auto (from a checkpoint of the last step, "
+        f"it only saves the adapter). Details: {error}"
+    )
 
 
 def adapter_tensor_names(folder: Path) -> list[str]:

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
+from qlora.stages.disk_space import WRITE_ERRORS, checkpoint_bytes, no_space_left, out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,9 @@ class AtomicCheckpointTrainer(SFTTrainer):
             if self.args.should_save:
                 (staging / name / CONFIG_NAME).write_text(yaml.safe_dump(as_plain_dict(self.qlora_config), sort_keys=False))
                 _fsync_tree(staging / name)
-        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        except WRITE_ERRORS as error:
             shutil.rmtree(staging, ignore_errors=True)
-            previous = newest_checkpoint(checkpoints_dir)
-            raise QLoRAError(
-                f"could not save the checkpoint of step {self.state.global_step} in {checkpoints_dir}: {error}. "
-                f"Nothing was lost: the previous checkpoint {previous or '(none yet)'} is intact. Free disk space "
-                f"or fix the folder's permissions, then resume with training.resume=auto."
-            ) from error
+            raise self._save_error(error, checkpoints_dir) from error
         finally:
             self._staging = None
         if not self.args.should_save:
@@ -83,6 +79,21 @@ class AtomicCheckpointTrainer(SFTTrainer):
         shutil.rmtree(staging, ignore_errors=True)
         # by step number, not mtime: a rename does not touch the folder's mtime reliably
         rotate_checkpoints(str(checkpoints_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+    def _save_error(self, error: Exception, checkpoints_dir: Path) -> QLoRAError:
+        step, previous = self.state.global_step, newest_checkpoint(checkpoints_dir) or "(none yet)"
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if out_of_space(error, checkpoints_dir, checkpoint_bytes(trainable)):
+            return QLoRAError(
+                f"{no_space_left(checkpoints_dir)} while saving the checkpoint of step {step}. Nothing was lost: the "
+                f"previous checkpoint {previous} is intact. Free disk space or lower training.save_total_limit, then "
+                f"resume with training.resume=auto. Details: {error}"
+            )
+        return QLoRAError(
+            f"could not save the checkpoint of step {step} in {checkpoints_dir}: {error}. Nothing was lost: the "
+            f"previous checkpoint {previous} is intact. Fix the cause (e.g. the folder's permissions), then "
+            f"resume with training.resume=auto."
+        )
 
 
 def newest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:

@@ -1,11 +1,10 @@
-"""Faults during training turned into clear errors: signals, NaN/inf steps, out of memory, a full disk."""
+"""Faults during training turned into clear errors: signals, NaN/inf steps, out of memory."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -171,21 +170,3 @@ def out_of_memory_error(stage_name: str) -> QLoRAError:
         f"training.grad_accum to keep the effective batch, lower data.max_length, set "
         f"training.gradient_checkpointing=true, or use a smaller quantization (quantization=nf4)."
     )
-
-
-def checkpoint_bytes(trainable_parameters: int) -> int:
-    """Rough size of one checkpoint: float32 adapter plus two float32 Adam moments, and 16 MiB of small files."""
-    return trainable_parameters * 4 * 3 + 16 * 2**20
-
-
-def check_free_space(run_dir: Path, trainable_parameters: int, checkpoints_kept: int) -> None:
-    """Refuse to start when the run folder's disk cannot hold the checkpoints and the final adapter."""
-    # one checkpoint more than kept exists while a save is in progress, plus the final adapter
-    needed = checkpoint_bytes(trainable_parameters) * (checkpoints_kept + 2)
-    free = shutil.disk_usage(run_dir).free
-    if free < needed:
-        raise QLoRAError(
-            f"not enough disk space in training.output_dir={run_dir}: about {needed / 2**30:.2f} GiB needed for "
-            f"{checkpoints_kept} checkpoint(s) and the adapter, {free / 2**30:.2f} GiB free. Free space, "
-            f"choose another training.output_dir, or lower training.save_total_limit."
-        )
