@@ -152,6 +152,8 @@ class TrainingConfig:
     resume: Optional[str] = None
     # a step whose loss or gradients are NaN/inf: stop with an error, or skip the optimizer update
     on_nonfinite: str = "stop"
+    # with on_nonfinite=skip: the run fails once more than this share of its steps were skipped (it is not learning)
+    max_skipped_fraction: float = 0.1
     # where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (one name or a list); none for nowhere
     report_to: Any = field(default_factory=lambda: ["tensorboard"])
 

@@ -56,6 +56,8 @@ class RunSummary:
     train_loss_last: Optional[float] = None
     exact_match_before: Optional[float] = None
     exact_match_after: Optional[float] = None
+    steps: Optional[int] = None  # optimizer steps reached
+    skipped_steps: int = 0  # of those, steps whose update was skipped for NaN/inf (training.on_nonfinite=skip)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -141,12 +143,17 @@ def run_training(config: TrainConfig) -> RunSummary:
         train_loss_last=losses[-1] if losses else None,
         exact_match_before=before.accuracy if before else None,
         exact_match_after=after.accuracy if after else None,
+        steps=trainer.state.global_step,
+        skipped_steps=len(guard.skipped_steps),
         stage_seconds=seconds,
     )
     if state.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         log.info("training loss %.4f -> %.4f; adapter saved to %s", summary.train_loss_first or float("nan"),
                  summary.train_loss_last or float("nan"), adapter_dir)
+        if summary.skipped_steps:
+            log.warning("%d of %d steps were skipped for NaN/inf loss or gradients", summary.skipped_steps,
+                        summary.steps)
         write_report(run_dir)
         log.info("report: %s", run_dir / "report.md")  # the same form as the adapter's path above
     return summary

@@ -52,12 +52,12 @@ def test_signal_handlers_are_restored_after_training():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def nan_loss_at_step(monkeypatch, step: int) -> None:
+def nan_loss_at_steps(monkeypatch, *steps: int) -> None:
     compute_loss = SFTTrainer.compute_loss
 
     def with_nan(self, *args, **kwargs):
         loss = compute_loss(self, *args, **kwargs)
-        return loss * math.nan if self.state.global_step + 1 == step else loss
+        return loss * math.nan if self.state.global_step + 1 in steps else loss
 
     monkeypatch.setattr(SFTTrainer, "compute_loss", with_nan)
 
@@ -68,7 +68,7 @@ OPTIMIZERS = ["adamw_torch", "adamw_torch_fused"]
 
 @pytest.mark.parametrize("optim", OPTIMIZERS)
 def test_nan_loss_stops_with_step_checkpoint_and_causes(tiny_config, monkeypatch, optim):
-    nan_loss_at_step(monkeypatch, 3)
+    nan_loss_at_steps(monkeypatch, 3)
     with pytest.raises(QLoRAError) as error:
         run_training(tiny_config(*FAST, "training.max_steps=4", "training.save_steps=2", f"training.optim={optim}"))
     message = str(error.value)
@@ -78,16 +78,36 @@ def test_nan_loss_stops_with_step_checkpoint_and_causes(tiny_config, monkeypatch
 
 
 @pytest.mark.parametrize("optim", OPTIMIZERS)
-def test_nan_loss_step_is_skipped_when_asked(tiny_config, monkeypatch, optim):
-    nan_loss_at_step(monkeypatch, 2)
+def test_nan_loss_step_is_skipped_when_asked_and_counted(tiny_config, monkeypatch, optim):
+    nan_loss_at_steps(monkeypatch, 2)
     summary = run_training(tiny_config(*FAST, "training.max_steps=3", "training.on_nonfinite=skip",
-                                       f"training.optim={optim}"))
+                                       "training.max_skipped_fraction=0.5", f"training.optim={optim}"))
     weights = load_file(Path(summary.adapter_dir) / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert "step 2: NaN/inf loss or gradients; skipped" in (Path(summary.run_dir) / "train.log").read_text()
+    run_dir = Path(summary.run_dir)
+    assert "step 2: NaN/inf loss or gradients; skipped" in (run_dir / "train.log").read_text()
     # transformers keeps the NaN out of the logged losses (skipping runs keep its host check, stopping ones not)
-    rows = [json.loads(line) for line in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if math.isfinite(row["loss"])] == [1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["skipped_steps"] == 1
+    assert "| skipped steps (NaN/inf) | 1 of 3 |" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_a_run_that_skips_more_than_its_share_of_steps_fails_and_keeps_its_checkpoint(tiny_config, monkeypatch,
+                                                                                     optim):
+    nan_loss_at_steps(monkeypatch, 3, 4, 5)
+    config = tiny_config(*FAST, "training.max_steps=10", "training.save_steps=2", "training.on_nonfinite=skip",
+                         "training.max_skipped_fraction=0.2", f"training.optim={optim}")
+    with pytest.raises(QLoRAError) as error:
+        run_training(config)
+    checkpoint = Path(config.training.output_dir) / "checkpoints/checkpoint-4"  # with step 4's update skipped
+    # two skips of ten steps are allowed; the fused optimizer's verdict reaches the host a step later
+    assert str(error.value).startswith(f"training stopped at step 5: 3 steps had NaN/inf loss or gradients and were "
+                                       f"skipped, more than training.max_skipped_fraction=0.2 of the run's 10 steps")
+    assert f"last checkpoint: {checkpoint}." in str(error.value)
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (checkpoint.parent.parent / "adapter").exists()  # a failing run is not passed off as finished
 
 
 def test_only_a_run_that_skips_nonfinite_steps_reads_every_loss_on_the_host(tiny_config, tmp_path):
@@ -104,7 +124,7 @@ def test_one_nonfinite_gradient_element_is_caught(tmp_path, bad):
     for param in model.parameters():
         param.grad = torch.full_like(param, 1e30)  # large but finite: still a finite total norm in float32
     args, state = type("Args", (), {"device": torch.device("cpu")})(), type("State", (), {"global_step": 6})()
-    guard = faults.NonFiniteGuard("stop", tmp_path, 1e-4)
+    guard = faults.NonFiniteGuard("stop", tmp_path, 1e-4, 0.1)
     guard.on_pre_optimizer_step(args, state, None, model=model)  # finite: nothing happens
     model[1].bias.grad[1] = bad
     with pytest.raises(QLoRAError, match="training stopped at step 7"):
@@ -117,8 +137,9 @@ class FusedAdamWSteps:
     def __init__(self, action: str, tmp_path: Path):
         self.model = torch.nn.Linear(4, 2)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1, fused=True)
-        self.guard = faults.NonFiniteGuard(action, tmp_path, 0.1)
+        self.guard = faults.NonFiniteGuard(action, tmp_path, 0.1, max_skipped_fraction=0.5)
         self.args = type("Args", (), {"device": torch.device("cpu")})()
+        self.guard.on_train_begin(self.args, type("State", (), {"global_step": 0, "max_steps": 10})(), None)
         self.step = 0
 
     def take(self, bad: float = 1.0) -> None:

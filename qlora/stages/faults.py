@@ -81,13 +81,19 @@ class NonFiniteGuard(TrainerCallback):
     their update: for them the host waits.
     """
 
-    def __init__(self, action: str, checkpoints_dir: Path, lr: float):
+    def __init__(self, action: str, checkpoints_dir: Path, lr: float, max_skipped_fraction: float):
         self.action = action
         self.checkpoints_dir = checkpoints_dir
         self.lr = lr
+        self.max_skipped_fraction = max_skipped_fraction
         self.skipped_steps: list[int] = []
+        self._steps_to_take = 0  # known when training begins
         self._trainable: Optional[list[torch.nn.Parameter]] = None  # found once: a walk over all modules takes ms
         self._unread: Optional[tuple[int, torch.Tensor, Optional[torch.cuda.Event]]] = None  # step, verdict, copied
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run counts the steps it takes itself: those before the checkpoint left no record of skips
+        self._steps_to_take = state.max_steps - state.global_step
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._read_verdict()
@@ -138,21 +144,37 @@ class NonFiniteGuard(TrainerCallback):
                 optimizer.zero_grad(set_to_none=True)
             self.skipped_steps.append(step)
             log.warning("step %d: NaN/inf loss or gradients; skipped this update (training.on_nonfinite=skip)", step)
+            if len(self.skipped_steps) > self.max_skipped_fraction * self._steps_to_take:
+                raise self._too_many_skipped(step)
             return
-        last_good = newest_checkpoint(self.checkpoints_dir)
         raise QLoRAError(
             f"training stopped at step {step}: the loss or the gradients are NaN/inf, so the weights were not "
-            f"updated. Last good checkpoint: {last_good or 'none (training.save_steps=0 or none saved yet)'}. "
-            f"Likely causes: float16 overflow (use quantization.compute_dtype=bfloat16 where the GPU supports "
-            f"it), a learning rate too high (training.lr={self.lr}; try a tenth), or a broken data row. "
-            f"Resume with training.resume=auto after the fix, or set training.on_nonfinite=skip to skip such steps."
+            f"updated. Last good checkpoint: {self._last_good()}. {self._likely_causes()} Resume with "
+            f"training.resume=auto after the fix, or set training.on_nonfinite=skip to skip such steps."
         )
+
+    def _too_many_skipped(self, step: int) -> QLoRAError:
+        return QLoRAError(
+            f"training stopped at step {step}: {len(self.skipped_steps)} steps had NaN/inf loss or gradients and "
+            f"were skipped, more than training.max_skipped_fraction={self.max_skipped_fraction} of the run's "
+            f"{self._steps_to_take} steps allows: it is not learning. Skipped steps left the weights as they were; "
+            f"last checkpoint: {self._last_good()}. {self._likely_causes()} Resume with training.resume=auto after "
+            f"the fix, or raise training.max_skipped_fraction."
+        )
+
+    def _last_good(self) -> str:
+        return str(newest_checkpoint(self.checkpoints_dir) or "none (training.save_steps=0 or none saved yet)")
+
+    def _likely_causes(self) -> str:
+        return (f"Likely causes: float16 overflow (use quantization.compute_dtype=bfloat16 where the GPU supports "
+                f"it), a learning rate too high (training.lr={self.lr}; try a tenth), or a broken data row.")
 
 
 def step_callbacks(config: TrainConfig, run_dir: Path) -> tuple[StopOnSignal, NonFiniteGuard]:
     """Every run's per-step callbacks (the pipeline's and the benchmark's): stop at a signal, check the gradients
     before each update."""
-    guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr)
+    guard = NonFiniteGuard(config.training.on_nonfinite, run_dir / "checkpoints", config.training.lr,
+                           config.training.max_skipped_fraction)
     return StopOnSignal(), guard
 
 
