@@ -68,7 +68,8 @@ def run_training(config: TrainConfig) -> RunSummary:
     if not state.is_main_process:
         logging.getLogger("qlora").setLevel(logging.WARNING)  # the run's log is the main process's
     run_dir = Path(config.training.output_dir).expanduser()
-    resume_from = find_resume_checkpoint(config)  # refuses a checkpoint that does not fit, before any write
+    # refuses a checkpoint that does not fit, and sets aside one that does not load, before any other write
+    resume_from = on_main_process(state, lambda: find_resume_checkpoint(config))
     resuming = config.training.resume is not None
     resume_step = checkpoint_step(resume_from) if resume_from else (0 if resuming else None)
     on_main_process(state, lambda: prepare_run_dir(config, resume_step))

@@ -1,12 +1,15 @@
 """Atomic checkpoints and exact resume on the tiny recipe (CPU)."""
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from conftest import run_with_fault
+from qlora.compose import compose_config
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
 from qlora.stages.checkpoints import CONFIG_NAME, find_resume_checkpoint, newest_checkpoint
@@ -80,7 +83,7 @@ def test_resume_path_must_be_a_complete_checkpoint(tiny_config, tmp_path):
     partial = tmp_path / "checkpoint-3"
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(QLoRAError, match="not a complete qlora checkpoint.*trainer_state.json"):
+    with pytest.raises(QLoRAError, match="not a complete, readable qlora checkpoint.*trainer_state.json"):
         find_resume_checkpoint(tiny_config(f"training.resume={partial}"))
     with pytest.raises(QLoRAError, match="training.resume=.*is not a folder"):
         tiny_config(f"training.resume={tmp_path / 'nope'}")
@@ -88,3 +91,63 @@ def test_resume_path_must_be_a_complete_checkpoint(tiny_config, tmp_path):
 
 def test_resume_auto_without_checkpoint_starts_at_step_zero(tiny_config):
     assert find_resume_checkpoint(tiny_config("training.resume=auto")) is None
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# what a full disk, a killed copy or a stray edit can leave of a checkpoint that was complete when saved
+CORRUPTIONS = {
+    "truncated adapter": lambda checkpoint: truncate(checkpoint / "adapter_model.safetensors"),
+    "truncated optimizer": lambda checkpoint: truncate(checkpoint / "optimizer.pt"),
+    "truncated RNG state": lambda checkpoint: truncate(checkpoint / "rng_state.pth"),
+    "invalid trainer state": lambda checkpoint: (checkpoint / "trainer_state.json").write_text('{"global_step": 4, "lo'),
+    "deleted trainer state": lambda checkpoint: (checkpoint / "trainer_state.json").unlink(),
+}
+FOUR_STEPS = ("training.max_steps=4", "training.save_steps=2", "training.batch_size=4", "training.logging_steps=1",
+              "eval.exact_match_samples=0")
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4, trained once for the tests that copy it."""
+    run_dir = tmp_path_factory.mktemp("four-steps") / "run"
+    run_training(compose_config([f"training.output_dir={run_dir}", *FOUR_STEPS]))
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(four_step_run, tmp_path) -> Path:
+    """This test's copy of the 4-step run, where tiny_config's training.output_dir points."""
+    shutil.copytree(four_step_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_good_one(tiny_config, caplog,
+                                                                                                run_dir, corrupt):
+    caplog.set_level(logging.INFO)
+    checkpoints = run_dir / "checkpoints"
+    corrupt(checkpoints / "checkpoint-4")
+    run_training(tiny_config(*FOUR_STEPS, "training.resume=auto"))
+    assert f"{checkpoints / 'checkpoint-4'} cannot be resumed from" in caplog.text
+    assert "set aside as corrupt-checkpoint-4" in caplog.text
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in caplog.text
+    assert (checkpoints / "corrupt-checkpoint-4").is_dir()  # kept for a look, never chosen again
+    assert json.loads((checkpoints / "checkpoint-4/trainer_state.json").read_text())["global_step"] == 4  # saved anew
+    assert losses(run_dir) == losses(run_dir / "before-resume-2")  # steps 3 and 4 again, exactly
+
+
+def test_with_no_good_checkpoint_resume_auto_is_refused_and_touches_nothing(tiny_config, run_dir):
+    before = sorted(p.name for p in run_dir.iterdir())
+    for step in (2, 4):
+        truncate(run_dir / f"checkpoints/checkpoint-{step}/optimizer.pt")
+    with pytest.raises(QLoRAError) as error:
+        run_training(tiny_config(*FOUR_STEPS, "training.resume=auto"))
+    message = str(error.value)
+    assert message.startswith(f"training.resume=auto: no checkpoint in {run_dir / 'checkpoints'} can be resumed from "
+                              f"(checkpoint-4: optimizer.pt is unreadable: RuntimeError: ")
+    assert "; checkpoint-2: optimizer.pt is unreadable" in message and "\n" not in message
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # no before-resume folder, nothing moved
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]

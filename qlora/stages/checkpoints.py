@@ -9,6 +9,7 @@ checkpoints are deleted (save_total_limit) only after the new one is in place.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -16,7 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
+from safetensors import safe_open
+from transformers import TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import rotate_checkpoints
 from trl import SFTTrainer
 
@@ -28,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "qlora_config.yaml"  # the resolved config, next to transformers' files
 # What a checkpoint must hold to be resumed from; the rename makes them all-or-nothing.
-REQUIRED_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt", CONFIG_NAME)
+REQUIRED_FILES = ("adapter_model.safetensors", TRAINER_STATE_NAME, "optimizer.pt", "scheduler.pt", CONFIG_NAME)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 # Config keys that change what a checkpoint means: resuming with a different value would continue a
@@ -115,21 +121,97 @@ def find_resume_checkpoint(config: TrainConfig) -> Optional[Path]:
     if resume is None:
         return None
     if resume == "auto":
-        checkpoint = newest_checkpoint(Path(config.training.output_dir).expanduser() / "checkpoints")
+        checkpoint = newest_good_checkpoint(Path(config.training.output_dir).expanduser() / "checkpoints")
         if checkpoint is None:
             log.warning("training.resume=auto: no complete checkpoint in %s, starting at step 0",
                         config.training.output_dir)
             return None
     else:
         checkpoint = Path(resume).expanduser()
-        missing = missing_files(checkpoint)
-        if missing:
+        fault = checkpoint_fault(checkpoint)
+        if fault is not None:
             raise QLoRAError(
-                f"training.resume={resume} is not a complete qlora checkpoint (missing {', '.join(missing)}). "
-                f"Give a checkpoints/checkpoint-N folder of a qlora run, or use training.resume=auto."
+                f"training.resume={resume} is not a complete, readable qlora checkpoint ({fault}). Give a "
+                f"checkpoints/checkpoint-N folder of a qlora run, or use training.resume=auto."
             )
     check_resumable(checkpoint, config)
     return checkpoint
+
+
+def newest_good_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
+    """The newest checkpoint whose files all load, or None when there is no checkpoint at all.
+
+    Newer ones that do not load (a file truncated or deleted after the save, e.g. by a full disk or a copy) are
+    set aside as corrupt-checkpoint-N, with a warning naming them. When none loads, all stay where they are and
+    the run is refused: starting at step 0 silently would throw their training away.
+    """
+    if not checkpoints_dir.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := _CHECKPOINT.match(p.name))),
+                   reverse=True)
+    corrupt = []
+    for _, checkpoint in found:
+        fault = checkpoint_fault(checkpoint)
+        if fault is None:
+            for bad, reason in corrupt:
+                _set_aside(bad, reason)
+            return checkpoint
+        corrupt.append((checkpoint, fault))
+    if corrupt:
+        faults = "; ".join(f"{checkpoint.name}: {fault}" for checkpoint, fault in corrupt)
+        raise QLoRAError(
+            f"training.resume=auto: no checkpoint in {checkpoints_dir} can be resumed from ({faults}). Restore the "
+            f"files, or move these folders away to start again at step 0."
+        )
+    return None
+
+
+def checkpoint_fault(checkpoint: Path) -> Optional[str]:
+    """What stops transformers from resuming from `checkpoint` (a file missing or unreadable), or None."""
+    missing = missing_files(checkpoint)
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            _read(path)
+        except Exception as error:  # a truncated or garbled file: each reader raises its own type
+            return f"{path.name} is unreadable: {_first_sentence(error)}"
+    saved_step = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME)).global_step
+    if saved_step != checkpoint_step(checkpoint):
+        return f"{TRAINER_STATE_NAME} is of step {saved_step}"
+    return None
+
+
+def _read(path: Path) -> None:
+    """Read a checkpoint's file as the resume will (training_args.bin and the model card are not read)."""
+    if path.name == TRAINER_STATE_NAME:
+        TrainerState.load_from_json(str(path))
+    elif path.suffix == ".json":
+        json.loads(path.read_text())
+    elif path.suffix == ".yaml":
+        yaml.safe_load(path.read_text())
+    elif path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt"):  # checks that the header's tensors fill the file
+            pass
+    elif path.suffix in (".pt", ".pth"):  # optimizer, scheduler, RNG and scaler states
+        with safe_globals():  # the numpy types of the RNG states, as transformers allows them
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the zip index, not the data
+
+
+def _first_sentence(error: Exception) -> str:
+    text = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+def _set_aside(checkpoint: Path, fault: str) -> None:
+    aside = checkpoint.with_name(f"corrupt-{checkpoint.name}")
+    suffix = 1
+    while aside.exists():  # set aside at the same step before
+        suffix += 1
+        aside = checkpoint.with_name(f"corrupt-{checkpoint.name}.{suffix}")
+    checkpoint.rename(aside)
+    log.warning("%s cannot be resumed from (%s): set aside as %s; resuming from an earlier checkpoint",
+                checkpoint, fault, aside.name)
 
 
 def check_resumable(checkpoint: Path, config: TrainConfig) -> None:
