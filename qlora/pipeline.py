@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import datasets
 import torch
+from accelerate import PartialState
 from transformers import set_seed
 
 from qlora.config import TrainConfig
@@ -42,6 +43,7 @@ from qlora.stages.model import (
 from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
 from qlora.stages.progress import quiet_library_noise
 from qlora.stages.report import write_report
+from qlora.stages.run_lock import RunDirLock
 from qlora.stages.startup import FirstStepMemory, show_summary, startup_summary, write_summary
 from qlora.stages.trainer import build_trainer, check_performance_support, peak_memory_gib
 
@@ -68,6 +70,15 @@ def run_training(config: TrainConfig) -> RunSummary:
     if not state.is_main_process:
         logging.getLogger("qlora").setLevel(logging.WARNING)  # the run's log is the main process's
     run_dir = Path(config.training.output_dir).expanduser()
+    lock = RunDirLock(run_dir)
+    on_main_process(state, lock.acquire)  # before anything in the folder is read, moved or written
+    try:
+        return _train(config, state, run_dir)
+    finally:
+        lock.release()
+
+
+def _train(config: TrainConfig, state: PartialState, run_dir: Path) -> RunSummary:
     # refuses a checkpoint that does not fit, and sets aside one that does not load, before any other write
     resume_from = on_main_process(state, lambda: find_resume_checkpoint(config))
     resuming = config.training.resume is not None

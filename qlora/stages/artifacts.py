@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
 from qlora.stages.disk_space import WRITE_ERRORS, adapter_bytes, no_space_left, out_of_space
+from qlora.stages.run_lock import LOCK_NAME
 
 PACKAGES = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "hydra-core")
 
@@ -36,7 +37,7 @@ def prepare_run_dir(config: TrainConfig, resume_step: Optional[int] = None) -> P
     the earlier attempt's outputs move to before-resume-<step>/ and its metrics up to that step are kept.
     """
     run_dir = Path(config.training.output_dir).expanduser()
-    occupied = run_dir.exists() and any(run_dir.iterdir())
+    occupied = run_dir.exists() and any(path.name != LOCK_NAME for path in run_dir.iterdir())
     if occupied and resume_step is None and not config.training.overwrite_output_dir:
         raise QLoRAError(
             f"training.output_dir={run_dir} already holds files from an earlier run; refusing to write over "
