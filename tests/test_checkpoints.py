@@ -151,3 +151,21 @@ def test_with_no_good_checkpoint_resume_auto_is_refused_and_touches_nothing(tiny
     assert "; checkpoint-2: optimizer.pt is unreadable" in message and "\n" not in message
     assert sorted(p.name for p in run_dir.iterdir()) == before  # no before-resume folder, nothing moved
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resumes_that_fail_before_their_first_step_add_no_before_resume_folders(tiny_config, run_dir, monkeypatch):
+    import qlora.pipeline
+
+    def no_model(*args, **kwargs):
+        raise QLoRAError("the model's disk is offline")
+
+    longer = tiny_config(*FOUR_STEPS, "training.max_steps=6", "training.resume=auto")
+    with monkeypatch.context() as failing:
+        failing.setattr(qlora.pipeline, "load_quantized_model", no_model)
+        for _ in range(3):  # a requeued job failing again and again
+            with pytest.raises(QLoRAError, match="disk is offline"):
+                run_training(longer)
+    run_training(longer)
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("before-resume")) == ["before-resume-4"]
+    assert (run_dir / "before-resume-4/adapter").is_dir()  # the finished 4-step run's outputs, moved once
+    assert [step for step, _ in losses(run_dir)] == [1, 2, 3, 4, 5, 6]

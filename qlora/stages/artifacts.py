@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import shutil
 import subprocess
@@ -22,31 +23,40 @@ from qlora.errors import QLoRAError
 from qlora.stages.disk_space import WRITE_ERRORS, adapter_bytes, no_space_left, out_of_space
 from qlora.stages.run_lock import LOCK_NAME
 
+log = logging.getLogger("qlora")
+
 PACKAGES = ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "hydra-core")
 
 
 # What a run writes at the top of its folder; a resumed run moves the earlier ones aside, never over them.
 RUN_OUTPUTS = ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "adapter", "startup_summary.json",
                "report.md", "report.png")
+# What an attempt writes before its first step. A folder that holds nothing else, no checkpoint and no trained step
+# is what an attempt that failed early left (bad data, a signal, a full disk): the same command may use it again.
+START_UP_OUTPUTS = ("config.yaml", "environment.json", "train.log", "data_stats.json", "startup_summary.json",
+                    "metrics.jsonl", "checkpoints", "tensorboard", "wandb", "mlruns", LOCK_NAME)
 
 
 def prepare_run_dir(config: TrainConfig, resume_step: Optional[int] = None) -> Path:
     """Create the run folder and write the resolved config and environment into it.
 
-    `resume_step` (training.resume set; 0 when no checkpoint was found) allows a folder with files:
-    the earlier attempt's outputs move to before-resume-<step>/ and its metrics up to that step are kept.
+    `resume_step` (training.resume set; 0 when no checkpoint was found) allows a folder with files: the outputs
+    of an earlier attempt that trained past that step move to before-resume-<step>/ and its metrics up to that
+    step are kept; those of an attempt that stopped before its first step are replaced.
     """
     run_dir = Path(config.training.output_dir).expanduser()
     occupied = run_dir.exists() and any(path.name != LOCK_NAME for path in run_dir.iterdir())
     if occupied and resume_step is None and not config.training.overwrite_output_dir:
-        raise QLoRAError(
-            f"training.output_dir={run_dir} already holds files from an earlier run; refusing to write over "
-            f"them. Continue it with training.resume=auto, choose another training.output_dir, or set "
-            f"training.overwrite_output_dir=true."
-        )
+        if not failed_before_first_step(run_dir):
+            raise QLoRAError(
+                f"training.output_dir={run_dir} already holds files from an earlier run; refusing to write over "
+                f"them. Continue it with training.resume=auto, choose another training.output_dir, or set "
+                f"training.overwrite_output_dir=true."
+            )
+        log.info("%s holds only what an attempt that stopped before its first step wrote: using it again", run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if occupied and resume_step is not None:
+        if resume_step is not None and trained_since(run_dir, resume_step):
             _move_earlier_outputs(run_dir, resume_step)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(as_plain_dict(config), sort_keys=False))
         (run_dir / "environment.json").write_text(json.dumps(describe_environment(), indent=2) + "\n")
@@ -55,6 +65,31 @@ def prepare_run_dir(config: TrainConfig, resume_step: Optional[int] = None) -> P
             f"cannot write to training.output_dir={run_dir}: {error}. Choose a folder you can write to."
         ) from error
     return run_dir
+
+
+def failed_before_first_step(run_dir: Path) -> bool:
+    """Whether run_dir holds only what an attempt writes before its first step: no checkpoint, no adapter, no
+    trained step, and no file of another kind (a folder of the user's own files is never taken for one)."""
+    checkpoints = run_dir / "checkpoints"
+    return ({path.name for path in run_dir.iterdir()} <= set(START_UP_OUTPUTS)
+            and not (checkpoints.is_dir() and any(checkpoints.iterdir())) and not trained_since(run_dir, 0))
+
+
+def trained_since(run_dir: Path, step: int) -> bool:
+    """Whether the attempt whose outputs are at the top of run_dir trained past `step`: it saved an adapter or a
+    summary, measured its first step's memory, or logged a later step. An attempt that stopped before its first
+    step left nothing that the next attempt's outputs would not replace."""
+    if (run_dir / "adapter").exists() or (run_dir / "summary.json").exists():
+        return True
+    startup, metrics = run_dir / "startup_summary.json", run_dir / "metrics.jsonl"
+    try:
+        first_step_memory = json.loads(startup.read_text()).get("memory_after_first_step_gib") \
+            if startup.is_file() else None
+        logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()] \
+            if metrics.is_file() else []
+    except (ValueError, KeyError):
+        return True  # a file half written: keep it, as if it held training
+    return first_step_memory is not None or any(logged_step > step for logged_step in logged)
 
 
 def _move_earlier_outputs(run_dir: Path, resume_step: int) -> None:
