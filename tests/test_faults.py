@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from trl import SFTTrainer
 
 import qlora.pipeline
@@ -94,6 +94,16 @@ def test_nan_loss_step_is_skipped_when_asked_and_counted(tiny_config, monkeypatc
 
 
 @pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_a_resumed_run_counts_the_steps_skipped_before_its_checkpoint(tiny_config, monkeypatch, optim):
+    nan_loss_at_steps(monkeypatch, 2)  # the step of the checkpoint: the fused optimizer's verdict is read before it
+    skipping = (*FAST, "training.save_steps=2", "training.on_nonfinite=skip", "training.max_skipped_fraction=0.5",
+                f"training.optim={optim}")
+    run_training(tiny_config(*skipping, "training.max_steps=2"))
+    summary = run_training(tiny_config(*skipping, "training.max_steps=4", "training.resume=auto"))
+    assert (summary.steps, summary.skipped_steps) == (4, 1)
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
 def test_a_run_that_skips_more_than_its_share_of_steps_fails_and_keeps_its_checkpoint(tiny_config, monkeypatch,
                                                                                      optim):
     nan_loss_at_steps(monkeypatch, 3, 4, 5)
@@ -139,7 +149,7 @@ class FusedAdamWSteps:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1, fused=True)
         self.guard = faults.NonFiniteGuard(action, tmp_path, 0.1, max_skipped_fraction=0.5)
         self.args = type("Args", (), {"device": torch.device("cpu")})()
-        self.guard.on_train_begin(self.args, type("State", (), {"global_step": 0, "max_steps": 10})(), None)
+        self.guard.on_train_begin(self.args, TrainerState(max_steps=10), None)
         self.step = 0
 
     def take(self, bad: float = 1.0) -> None:

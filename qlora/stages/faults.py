@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_callback import ExportableState
 
 from qlora.config import TrainConfig
 from qlora.errors import QLoRAError
@@ -66,7 +67,7 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
-class NonFiniteGuard(TrainerCallback):
+class NonFiniteGuard(TrainerCallback, ExportableState):
     """Check the gradients before each optimizer update; NaN/inf stops the run or skips the update.
 
     Runs at on_pre_optimizer_step, the one per-step hook that sees the gradients before they change the
@@ -79,21 +80,35 @@ class NonFiniteGuard(TrainerCallback):
     would hold the host until the GPU finished the backward pass, every step, with nothing queued behind it
     (the GPU then idled ~20 ms per Llama-2-7B step, profiled). Other optimizers need the verdict before
     their update: for them the host waits.
+
+    The skipped steps are saved with each checkpoint (transformers keeps an ExportableState callback's state in
+    trainer_state.json), so that a resumed run counts them all.
     """
 
-    def __init__(self, action: str, checkpoints_dir: Path, lr: float, max_skipped_fraction: float):
+    def __init__(self, action: str, checkpoints_dir: Path | str, lr: float, max_skipped_fraction: float):
         self.action = action
-        self.checkpoints_dir = checkpoints_dir
+        self.checkpoints_dir = Path(checkpoints_dir)
         self.lr = lr
         self.max_skipped_fraction = max_skipped_fraction
         self.skipped_steps: list[int] = []
-        self._steps_to_take = 0  # known when training begins
+        self._run_steps = 0  # known when training begins
         self._trainable: Optional[list[torch.nn.Parameter]] = None  # found once: a walk over all modules takes ms
         self._unread: Optional[tuple[int, torch.Tensor, Optional[torch.cuda.Event]]] = None  # step, verdict, copied
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # a resumed run counts the steps it takes itself: those before the checkpoint left no record of skips
-        self._steps_to_take = state.max_steps - state.global_step
+        self.skipped_steps = saved_skipped_steps(state)  # a resumed run continues its checkpoint's count
+        # transformers saves only the callback states it found in the checkpoint it resumed from
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+        self._run_steps = state.max_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._read_verdict()  # the checkpoint about to be saved counts this step's skip too
+
+    def state(self) -> dict:
+        return {"args": {"action": self.action, "checkpoints_dir": str(self.checkpoints_dir), "lr": self.lr,
+                         "max_skipped_fraction": self.max_skipped_fraction},
+                "attributes": {"skipped_steps": self.skipped_steps}}
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._read_verdict()
@@ -144,7 +159,7 @@ class NonFiniteGuard(TrainerCallback):
                 optimizer.zero_grad(set_to_none=True)
             self.skipped_steps.append(step)
             log.warning("step %d: NaN/inf loss or gradients; skipped this update (training.on_nonfinite=skip)", step)
-            if len(self.skipped_steps) > self.max_skipped_fraction * self._steps_to_take:
+            if len(self.skipped_steps) > self.max_skipped_fraction * self._run_steps:
                 raise self._too_many_skipped(step)
             return
         raise QLoRAError(
@@ -157,7 +172,7 @@ class NonFiniteGuard(TrainerCallback):
         return QLoRAError(
             f"training stopped at step {step}: {len(self.skipped_steps)} steps had NaN/inf loss or gradients and "
             f"were skipped, more than training.max_skipped_fraction={self.max_skipped_fraction} of the run's "
-            f"{self._steps_to_take} steps allows: it is not learning. Skipped steps left the weights as they were; "
+            f"{self._run_steps} steps allows: it is not learning. Skipped steps left the weights as they were; "
             f"last checkpoint: {self._last_good()}. {self._likely_causes()} Resume with training.resume=auto after "
             f"the fix, or raise training.max_skipped_fraction."
         )
@@ -168,6 +183,12 @@ class NonFiniteGuard(TrainerCallback):
     def _likely_causes(self) -> str:
         return (f"Likely causes: float16 overflow (use quantization.compute_dtype=bfloat16 where the GPU supports "
                 f"it), a learning rate too high (training.lr={self.lr}; try a tenth), or a broken data row.")
+
+
+def saved_skipped_steps(state: TrainerState) -> list[int]:
+    """The steps a run skipped for NaN/inf up to the state's step (as its NonFiniteGuard saved them)."""
+    saved = state.stateful_callbacks.get(NonFiniteGuard.__name__, {})
+    return list(saved.get("attributes", {}).get("skipped_steps", []))
 
 
 def step_callbacks(config: TrainConfig, run_dir: Path) -> tuple[StopOnSignal, NonFiniteGuard]:
