@@ -12,7 +12,8 @@ from conftest import run_with_fault
 from qlora.compose import compose_config
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
-from qlora.stages.checkpoints import CONFIG_NAME, find_resume_checkpoint, newest_checkpoint
+from qlora.stages.checkpoints import CONFIG_NAME, find_resume_checkpoint, finished_at, newest_checkpoint
+from qlora.stages.run_lock import LOCK_NAME
 
 SHORT_RUN = ("training.max_steps=5", "training.save_steps=2", "training.batch_size=4", "training.logging_steps=1",
              "eval.exact_match_samples=0")
@@ -169,3 +170,44 @@ def test_resumes_that_fail_before_their_first_step_add_no_before_resume_folders(
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("before-resume")) == ["before-resume-4"]
     assert (run_dir / "before-resume-4/adapter").is_dir()  # the finished 4-step run's outputs, moved once
     assert [step for step, _ in losses(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def files(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(tiny_config, run_dir, caplog):
+    caplog.set_level(logging.INFO)
+    before = files(run_dir)
+    summary = run_training(tiny_config(*FOUR_STEPS, "training.resume=auto"))
+    assert (f"nothing to train: {run_dir / 'checkpoints/checkpoint-4'} is at step 4, the run's last; the run is "
+            f"finished") in caplog.text
+    assert files(run_dir) == before  # no step 5, no before-resume folder, the adapter untouched
+    assert (summary.steps, summary.adapter_dir) == (4, str(run_dir / "adapter"))
+
+
+def test_resuming_a_run_cut_short_after_its_last_checkpoint_only_finishes_its_end(tiny_config, run_dir,
+                                                                                  four_step_run):
+    for name in ("adapter", "summary.json", "report.md"):  # killed after the last checkpoint was saved
+        shutil.rmtree(run_dir / name) if name == "adapter" else (run_dir / name).unlink()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    summary = run_training(tiny_config(*FOUR_STEPS, "training.resume=auto"))
+    expected = load_file(four_step_run / "adapter/adapter_model.safetensors")
+    restored = load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert expected.keys() == restored.keys() and all((expected[k] == restored[k]).all() for k in expected)
+    assert (run_dir / "adapter/tokenizer.json").is_file() and not (run_dir / "adapter/optimizer.pt").exists()
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["steps"] == summary.steps == 4 and saved["train_loss_last"] == losses(run_dir)[-1][1]
+    assert (run_dir / "report.md").is_file() and (run_dir / "metrics.jsonl").read_text() == metrics
+    assert not [p for p in run_dir.iterdir() if p.name.startswith("before-resume")]
+
+
+@pytest.mark.parametrize("epochs, finished", [(1.0, True), (2.0, False)])
+def test_a_run_counted_in_epochs_is_finished_at_its_checkpoints_planned_last_step(tiny_config, tmp_path, epochs,
+                                                                                  finished):
+    checkpoint = tmp_path / "checkpoint-7"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 7, "max_steps": 7}')
+    (checkpoint / CONFIG_NAME).write_text("training: {max_steps: -1, epochs: 1.0}\n")
+    config = tiny_config("training.max_steps=-1", f"training.epochs={epochs}")
+    assert finished_at(checkpoint, config) == (7 if finished else None)  # more epochs: the trainer counts the steps

@@ -39,10 +39,32 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(faults.os, "_exit", exits.append)
     stop = faults.StopOnSignal()
-    stop._handle(signal.SIGINT, None)
-    assert stop.received == signal.SIGINT and exits == []  # the first one only asks to stop at the step end
-    stop._handle(signal.SIGINT, None)
+    with stop.finishing_first("saving a checkpoint at the end of this step"):
+        stop._handle(signal.SIGINT, None)
+        assert stop.received == signal.SIGINT and exits == []  # the first one only asks to stop at the step end
+        stop._handle(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
+
+
+def test_a_signal_in_start_up_stops_at_once_with_the_stage_and_the_resume_command(tmp_path):
+    result = run_with_fault("sigterm-in-start-up", 0, *FAST, "training.output_dir=run", cwd=tmp_path)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert ("qlora: error: training stopped by SIGTERM in stage 'quantized model'; nothing was trained yet. "
+            "Resume with: python -m qlora.train") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run/adapter.partial").exists() and not (tmp_path / "run/checkpoints").exists()
+
+
+def test_a_signal_while_the_adapter_is_saved_lets_the_run_finish(tmp_path):
+    result = run_with_fault("sigterm-in-final-save", 0, *FAST, "training.max_steps=2", "training.output_dir=run",
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "SIGTERM received: finishing the run first" in result.stdout
+    assert "SIGTERM arrived while the run was finishing; it finished first" in result.stdout
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "adapter.partial").exists()
+    assert (run_dir / "adapter/adapter_model.safetensors").is_file() and (run_dir / "adapter/tokenizer.json").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2 and (run_dir / "report.md").is_file()
 
 
 def test_signal_handlers_are_restored_after_training():

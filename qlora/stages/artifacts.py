@@ -17,9 +17,11 @@ import yaml
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
+from qlora.stages.checkpoints import CONFIG_NAME
 from qlora.stages.disk_space import WRITE_ERRORS, adapter_bytes, no_space_left, out_of_space
 from qlora.stages.run_lock import LOCK_NAME
 
@@ -152,7 +154,8 @@ def save_adapter(
         tokenizer.save_pretrained(partial)
     except WRITE_ERRORS as error:
         shutil.rmtree(partial, ignore_errors=True)
-        raise _adapter_save_error(error, run_dir, model) from error
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        raise _adapter_save_error(error, run_dir, adapter_bytes(trainable)) from error
     if not adapter_tensor_names(partial):
         # e.g. a state dict gathered without the adapter's weights: an empty adapter would load silently as
         # the untrained base model, so refuse it and keep whatever adapter/ already holds
@@ -167,9 +170,32 @@ def save_adapter(
     return final
 
 
-def _adapter_save_error(error: Exception, run_dir: Path, model: PeftModel) -> QLoRAError:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if out_of_space(error, run_dir, adapter_bytes(trainable)):
+def save_adapter_from_checkpoint(checkpoint: Path, run_dir: Path) -> Path:
+    """Save run_dir/adapter, atomically, from the adapter and tokenizer files of the run's last checkpoint: the
+    end of a run that a signal or a crash cut short after its last step."""
+    final, partial = run_dir / "adapter", run_dir / "adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    files = [path for path in checkpoint.iterdir() if path.is_file() and not _trainer_state_file(path.name)]
+    try:
+        partial.mkdir()
+        for path in files:
+            shutil.copy2(path, partial / path.name)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _adapter_save_error(error, run_dir, sum(path.stat().st_size for path in files)) from error
+    if final.exists():  # an adapter/ without weights, which loads as the untrained base model
+        shutil.rmtree(final)
+    partial.rename(final)
+    return final
+
+
+def _trainer_state_file(name: str) -> bool:
+    """A checkpoint's file that only the Trainer reads (optimizer, scheduler, RNG, step, arguments, qlora's config)."""
+    return name.endswith((".pt", ".pth", ".bin")) or name in (TRAINER_STATE_NAME, CONFIG_NAME)
+
+
+def _adapter_save_error(error: Exception, run_dir: Path, needed_bytes: int) -> QLoRAError:
+    if out_of_space(error, run_dir, needed_bytes):
         problem = f"{no_space_left(run_dir)} while saving the adapter"
     else:
         problem = f"could not save the adapter to {run_dir / 'adapter'}"

@@ -214,6 +214,20 @@ def _set_aside(checkpoint: Path, fault: str) -> None:
                 checkpoint, fault, aside.name)
 
 
+def finished_at(checkpoint: Path, config: TrainConfig) -> Optional[int]:
+    """The run's last step when `checkpoint` is at (or past) it, so that resuming has nothing to train; None when
+    steps are left, or when only the trainer can count them (training.epochs changed)."""
+    reached = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    if config.training.max_steps > 0:
+        last = config.training.max_steps
+    else:
+        trained = yaml.safe_load((checkpoint / CONFIG_NAME).read_text())["training"]
+        if trained["max_steps"] > 0 or trained["epochs"] != config.training.epochs:
+            return None
+        last = reached.max_steps  # the trainer's count for these epochs, batch and data, as in the checkpoint
+    return last if reached.global_step >= last else None
+
+
 def check_resumable(checkpoint: Path, config: TrainConfig) -> None:
     """Refuse to resume when a key that defines the model or the data order differs from the checkpoint's."""
     saved = _flatten(yaml.safe_load((checkpoint / CONFIG_NAME).read_text()))

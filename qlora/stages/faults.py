@@ -26,15 +26,31 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StopOnSignal(TrainerCallback):
-    """SIGTERM or SIGINT: finish the current step, save a checkpoint and stop; a second signal exits at once.
+class SignalReceived(BaseException):
+    """SIGTERM or SIGINT where nothing is lost by stopping at once (start-up), raised where the program is.
 
-    Preemptible machines and schedulers send SIGTERM and wait a little before SIGKILL; Ctrl-C sends
-    SIGINT. Stopping at a step end keeps optimizer and data position consistent for an exact resume.
+    A BaseException, as KeyboardInterrupt is, so that no library's `except Exception` swallows it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.stage: Optional[str] = None  # the pipeline's stage it stopped, named as it passes through
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or SIGINT for the whole run; a second signal exits at once.
+
+    In the training loop: finish the current step, save a checkpoint and stop. Preemptible machines and
+    schedulers send SIGTERM and wait a little before SIGKILL; Ctrl-C sends SIGINT. Stopping at a step end keeps
+    optimizer and data position consistent for an exact resume. While the run's end is written (adapter,
+    summary, report: seconds): let it finish. Anywhere else (start-up, where nothing is lost): stop at once,
+    raising SignalReceived.
     """
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
+        self._finishing: Optional[str] = None  # what a signal lets finish, as the warning says; None: stop at once
 
     @contextmanager
     def handling_signals(self) -> Iterator[None]:
@@ -48,14 +64,24 @@ class StopOnSignal(TrainerCallback):
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    @contextmanager
+    def finishing_first(self, work: str) -> Iterator[None]:
+        """Inside, a signal lets `work` finish: it is only recorded in `received`, for the caller to act on."""
+        self._finishing = work
+        try:
+            yield
+        finally:
+            self._finishing = None
+
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is not None:
             print(f"qlora: {signal.Signals(signum).name} again: exiting now without saving; the last complete "
                   f"checkpoint is kept.", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.received = signum
-        log.warning("%s received: saving a checkpoint at the end of this step, then stopping "
-                    "(send it again to exit at once)", signal.Signals(signum).name)
+        if self._finishing is None:
+            raise SignalReceived(signum)
+        log.warning("%s received: %s (send it again to exit at once)", signal.Signals(signum).name, self._finishing)
 
     def on_step_end(self, args, state, control, **kwargs):
         # A scheduler may signal one process only: all stop at the same step, so that none waits alone
