@@ -1,7 +1,8 @@
 """The training run: the ordered stages over one config, each timed and logged.
 
-    run folder -> tokenizer -> data -> quantized model -> k-bit preparation -> LoRA adapters
-    -> held-out check -> SFTTrainer.train -> save adapter -> held-out check -> summary
+    run folder (locked; a resumed run at its last step ends here) -> tokenizer -> data -> quantized model
+    -> k-bit preparation -> LoRA adapters -> held-out check -> SFTTrainer.train -> save adapter
+    -> held-out check -> summary
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def _write_summary_and_report(summary: RunSummary, run_dir: Path) -> None:
 
 @contextmanager
 def stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
-    """Time a stage and log its wall time and peak memory so far; out of memory names the stage."""
+    """Time a stage and log its wall time and peak memory so far; out of memory or a signal names the stage."""
     start = time.perf_counter()
     try:
         yield

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_with_fault
+from conftest import run_cli, run_with_fault
 from qlora.compose import compose_config
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
@@ -103,7 +103,7 @@ CORRUPTIONS = {
     "truncated adapter": lambda checkpoint: truncate(checkpoint / "adapter_model.safetensors"),
     "truncated optimizer": lambda checkpoint: truncate(checkpoint / "optimizer.pt"),
     "truncated RNG state": lambda checkpoint: truncate(checkpoint / "rng_state.pth"),
-    "invalid trainer state": lambda checkpoint: (checkpoint / "trainer_state.json").write_text('{"global_step": 4, "lo'),
+    "invalid trainer state": lambda checkpoint: (checkpoint / "trainer_state.json").write_text('{"global_step": 4'),
     "deleted trainer state": lambda checkpoint: (checkpoint / "trainer_state.json").unlink(),
 }
 FOUR_STEPS = ("training.max_steps=4", "training.save_steps=2", "training.batch_size=4", "training.logging_steps=1",
@@ -211,3 +211,15 @@ def test_a_run_counted_in_epochs_is_finished_at_its_checkpoints_planned_last_ste
     (checkpoint / CONFIG_NAME).write_text("training: {max_steps: -1, epochs: 1.0}\n")
     config = tiny_config("training.max_steps=-1", f"training.epochs={epochs}")
     assert finished_at(checkpoint, config) == (7 if finished else None)  # more epochs: the trainer counts the steps
+
+
+def test_resume_auto_exits_as_the_faq_says_when_finished_or_when_no_checkpoint_is_good(run_dir, tmp_path):
+    resume = ("training.output_dir=run", "training.resume=auto", *FOUR_STEPS)
+    finished = run_cli(*resume, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "nothing to train: " in finished.stdout and "the run is finished" in finished.stdout
+    for step in (2, 4):
+        truncate(run_dir / f"checkpoints/checkpoint-{step}/adapter_model.safetensors")
+    refused = run_cli(*resume, cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("qlora: error: training.resume=auto: no checkpoint in ")

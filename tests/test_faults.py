@@ -262,7 +262,7 @@ def test_a_full_disk_during_a_save_says_so_first_and_keeps_the_previous_checkpoi
 
 def test_a_failed_save_with_space_left_names_the_error(tiny_config, monkeypatch):
     save_fails_at_step(monkeypatch, 2, PermissionError(errno.EACCES, "Permission denied"), free_after=2**40)
-    with pytest.raises(QLoRAError, match=r"could not save the checkpoint of step 2 in .*Permission denied.*\(none yet\)"):
+    with pytest.raises(QLoRAError, match=r"could not save the checkpoint of step 2 in .*Permission denied.*none yet"):
         run_training(tiny_config(*FAST, "training.max_steps=2", "training.save_steps=2"))
 
 

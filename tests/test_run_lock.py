@@ -4,9 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from qlora.errors import QLoRAError
+from conftest import run_cli
 from qlora.pipeline import run_training
 from qlora.stages.run_lock import LOCK_NAME
 
@@ -30,9 +28,10 @@ def test_a_second_process_is_refused_naming_the_holder_until_the_holder_dies(tin
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "holding\n"
-        with pytest.raises(QLoRAError, match=rf"training.output_dir={run_dir} is in use by another qlora process "
-                                             rf"\(PID {holder.pid}\)"):
-            run_training(tiny_config(*SHORT, "training.resume=auto"))
+        refused = run_cli(*SHORT, "training.output_dir=run", "training.resume=auto", cwd=tmp_path)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert refused.stderr.startswith(f"qlora: error: training.output_dir=run is in use by another qlora process "
+                                         f"(PID {holder.pid})")
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME, "metrics.jsonl"]  # nothing moved or written
     finally:
         holder.kill()

@@ -4,7 +4,9 @@ transformers' Trainer writes checkpoint-N (adapter, optimizer, scheduler, RNG st
 with the step reached) straight into its final folder, and picks the highest-numbered folder on resume,
 complete or not. Here each checkpoint is written under checkpoints/.partial/ first, fsynced, and only
 then renamed to checkpoints/checkpoint-N: a folder with that name is always complete, and older
-checkpoints are deleted (save_total_limit) only after the new one is in place.
+checkpoints are deleted (save_total_limit) only after the new one is in place. A file can still be damaged
+later (a full disk, an interrupted copy), so training.resume=auto reads every file a resume reads before it
+chooses a checkpoint, and sets a damaged one aside.
 """
 
 from __future__ import annotations
