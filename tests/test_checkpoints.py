@@ -223,3 +223,14 @@ def test_resume_auto_exits_as_the_faq_says_when_finished_or_when_no_checkpoint_i
     refused = run_cli(*resume, cwd=tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("qlora: error: training.resume=auto: no checkpoint in ")
+
+
+def test_a_checkpoint_saved_before_skipped_steps_were_kept_resumes_and_saves(tiny_config, run_dir):
+    state_file = run_dir / "checkpoints/checkpoint-2/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["NonFiniteGuard"]  # as an earlier qlora wrote it
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(run_dir / "checkpoints/checkpoint-4")
+    summary = run_training(tiny_config(*FOUR_STEPS, "training.resume=auto"))
+    assert (summary.steps, summary.skipped_steps) == (4, 0)
+    assert (run_dir / "checkpoints/checkpoint-4/trainer_state.json").is_file()

@@ -123,7 +123,8 @@ class NonFiniteGuard(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.skipped_steps = saved_skipped_steps(state)  # a resumed run continues its checkpoint's count
-        # transformers saves only the callback states it found in the checkpoint it resumed from
+        # at a save transformers updates only the callback states the trainer state holds: one resumed from a
+        # checkpoint saved without this callback's would fail (KeyError)
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
         self._run_steps = state.max_steps
 
