@@ -152,6 +152,8 @@ class TrainingConfig:
     resume: Optional[str] = None
     # a step whose loss or gradients are NaN/inf: stop with an error, or skip the optimizer update
     on_nonfinite: str = "stop"
+    # with on_nonfinite=skip: the run fails once more than this share of its steps were skipped (it is not learning)
+    max_skipped_fraction: float = 0.1
     # where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (one name or a list); none for nowhere
     report_to: Any = field(default_factory=lambda: ["tensorboard"])
 
@@ -240,6 +242,7 @@ class MergeConfig:
     dtype: str = "bfloat16"
     from_dequantized: bool = False  # merge into the dequantized 4-bit weights the adapter was trained on
     max_shard_size: str = "5GB"
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 @dataclass
@@ -263,6 +266,7 @@ class GenerateConfig:
     stream: bool = True
     batch_size: int = 8
     seed: int = 42
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 @dataclass
@@ -279,6 +283,7 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     regex: Optional[str] = None  # an answer is right when this pattern's match (group 1 if any) equals the reference
     output_file: Optional[str] = None  # default: eval.json in the run folder (or beside the adapter)
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 def report_destinations(training: TrainingConfig) -> list[str]:

@@ -26,7 +26,7 @@ from qlora.config import ColumnNames, DataConfig, DatasetSource, EvaluateConfig,
 from qlora.data import prepare_sft_data
 from qlora.data.load import load_formatted
 from qlora.errors import QLoRAError
-from qlora.runs import find_adapter, load_adapted_model, load_run_config
+from qlora.runs import adapter_folder, load_adapted_model, load_run_config
 from qlora.stages.heldout import generate_answers, score_answers
 
 log = logging.getLogger("qlora")
@@ -43,9 +43,10 @@ class EvaluationData:
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    adapter_dir, _ = find_adapter(config.run, config.adapter, config.base)  # fail early on a bad run=
+    adapter_dir = adapter_folder(config.run, config.adapter)  # fail early on a bad run=
     source = evaluation_data(config)
-    model, tokenizer, _ = load_adapted_model(config.run, config.adapter, config.base)
+    model, tokenizer, _ = load_adapted_model(config.run, config.adapter, config.base,
+                                             trust_remote_code=config.trust_remote_code)
     dataset, rows = _examples_and_rows(source, tokenizer, config.max_samples)
 
     with tempfile.TemporaryDirectory() as scratch:

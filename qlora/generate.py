@@ -47,7 +47,8 @@ def generate(config: GenerateConfig) -> list[str]:
 
 def load_model(config: GenerateConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, str]:
     """The adapted model, its tokenizer, and the template that wraps prompts."""
-    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
+    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base,
+                                               trust_remote_code=config.trust_remote_code)
     template = config.template
     if template == "auto":
         template = "alpaca" if run and trained_format(run) == "alpaca" else "chat" if tokenizer.chat_template else "raw"

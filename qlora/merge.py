@@ -40,7 +40,8 @@ class MergeResult:
 
 
 def merge(config: MergeConfig) -> MergeResult:
-    adapter_dir, base = find_adapter(config.run, config.adapter, config.base)
+    adapter_dir, base = find_adapter(config.run, config.adapter, config.base,
+                                     trust_remote_code=config.trust_remote_code)
     output = Path(config.output_dir or Path(config.run or adapter_dir.parent) / "merged").expanduser()
     if output.exists():
         raise QLoRAError(f"output_dir={output} already exists; refusing to write over it. Choose another output_dir.")

@@ -75,6 +75,9 @@ def validate(config: TrainConfig) -> None:
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
     _choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
+    if not 0.0 <= t.max_skipped_fraction <= 1.0:
+        raise QLoRAError(f"training.max_skipped_fraction={t.max_skipped_fraction} is out of range: use a share of "
+                         f"the steps in [0, 1], e.g. 0.1.")
     _validate_report_to(t)
     if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
         raise QLoRAError(

@@ -5,6 +5,8 @@ FAULT is one of
   sigterm          SIGTERM at the start of step STEP
   sigterm-twice    SIGTERM twice at the start of step STEP
   sigterm-rank-1   SIGTERM at the start of step STEP, in the process of rank 1 only (under accelerate launch)
+  sigterm-in-start-up     SIGTERM while the quantized model loads, before training (STEP is not used)
+  sigterm-in-final-save   SIGTERM while the final adapter is written, after its weights (STEP is not used)
 Run as a subprocess by the tests, exactly like `python -m qlora.train`, so a hard kill kills only it.
 With QLORA_TEST_TOKENIZED_LOG=PATH set, every process also appends its rank to PATH for each example it tokenizes
 itself (an example read back from the datasets cache is not tokenized again, so it is not counted).
@@ -14,6 +16,7 @@ import os
 import signal
 import sys
 
+import peft
 from transformers import TrainerCallback
 
 import qlora.data.tokenization
@@ -42,6 +45,25 @@ def inject(fault: str, step: int) -> None:
             fsync_tree(folder)
 
         qlora.stages.checkpoints._fsync_tree = kill_while_saving
+        return
+    if fault == "sigterm-in-start-up":
+        load_quantized_model = qlora.pipeline.load_quantized_model
+
+        def signalled_while_loading(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return load_quantized_model(*args, **kwargs)
+
+        qlora.pipeline.load_quantized_model = signalled_while_loading
+        return
+    if fault == "sigterm-in-final-save":
+        save_pretrained = peft.PeftModel.save_pretrained
+
+        def signalled_while_saving(model, folder, *args, **kwargs):
+            save_pretrained(model, folder, *args, **kwargs)
+            if str(folder).endswith("adapter.partial"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        peft.PeftModel.save_pretrained = signalled_while_saving
         return
     build_trainer = qlora.pipeline.build_trainer
     if fault == "sigterm-rank-1" and os.environ.get("RANK") != "1":

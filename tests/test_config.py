@@ -103,6 +103,7 @@ def test_hub_ids_are_not_checked_on_disk():
         ("data.datasets=[{path: no/such.jsonl}]", "data.datasets[0].path=no/such.jsonl does not exist"),
         ("data.path=null", "no training data: set data.path=my.jsonl"),
         ("training.eval_steps=0", "training.eval_steps=0 is out of range"),
+        ("training.max_skipped_fraction=1.5", "training.max_skipped_fraction=1.5 is out of range"),
     ],
 )
 def test_bad_values_name_key_and_value(override, expected):

@@ -34,7 +34,7 @@ def test_eval_loss_is_the_mean_loss_of_completion_tokens(trained_run, tmp_path):
     config, run_dir = trained_run
     report = evaluate(EvaluateConfig(run=str(run_dir), data=DataConfig(path=config.data.heldout_path), batch_size=64,
                                      generation=False, output_file=str(tmp_path / "eval.json")))
-    model, tokenizer, _ = load_adapted_model(str(run_dir), None, None)
+    model, tokenizer, _ = load_adapted_model(str(run_dir), None, None, trust_remote_code=False)
     total, count = 0.0, 0
     for example in load_sft_dataset(config.data.heldout_path):
         prompt = tokenizer(example["prompt"])["input_ids"]

@@ -78,4 +78,4 @@ def test_an_adapter_without_lora_weights_is_refused(trained_run, tmp_path):
     shutil.copytree(run_dir / "adapter", empty)
     (empty / "adapter_model.safetensors").unlink()
     with pytest.raises(QLoRAError, match="holds no LoRA weights"):
-        load_adapted_model(None, str(empty), None)
+        load_adapted_model(None, str(empty), None, trust_remote_code=False)

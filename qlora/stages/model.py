@@ -17,6 +17,12 @@ from qlora.errors import QLoRAError
 log = logging.getLogger(__name__)
 
 
+def warn_about_remote_code(model: ModelConfig) -> None:
+    """Say that the model's own code will run; each command calls it before its first load of the model."""
+    if model.trust_remote_code:
+        log.warning("trust_remote_code=true: running code shipped with %s", model.name_or_path)
+
+
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -87,8 +93,6 @@ def load_quantized_model(
     the weights over the processes.
     """
     check_device_support(model, quantization, device)
-    if model.trust_remote_code:
-        log.warning("model.trust_remote_code=true: running code shipped with %s", model.name_or_path)
     saved = saved_quantization(model)
     if saved is not None:
         # transformers loads a pre-quantized checkpoint with its own quantization_config and ignores

@@ -143,6 +143,8 @@ def _results(record: RunRecord) -> list[tuple[str, str]]:
             ("best eval loss", f"{_number(best['eval_loss'])} (step {best['step']})" if best else "no validation set")]
     if s.get("exact_match_after") is not None:
         rows.append(("held-out exact match", f"{_percent(s.get('exact_match_before'))} -> {_percent(s['exact_match_after'])}"))
+    if s.get("skipped_steps") is not None:
+        rows.append(("skipped steps (NaN/inf)", f"{s['skipped_steps']} of {s.get('steps', '-')}"))
     rows += [("throughput", f"{_number(record.tokens_per_s(), ',.0f')} tokens/s (median over logging steps)"),
              ("peak memory", f"{_number(record.peak_memory_gib(), '.2f')} GiB"),
              ("wall time", _duration(record.wall_seconds()))]
