@@ -56,7 +56,7 @@ def test_a_run_that_failed_before_its_first_step_runs_again_with_the_same_comman
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 5}\n')
     config = tiny_config(f"data.path={data}", "training.max_steps=1", "eval.exact_match_samples=0")
-    with pytest.raises(QLoRAError, match="row 1: field 'prompt' must be text"):
+    with pytest.raises(QLoRAError, match="data.jsonl, line 2: field 'prompt' must be text"):
         run_training(config)
     assert (Path(config.training.output_dir) / "config.yaml").is_file()  # what it wrote before failing
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')  # fixed
