@@ -281,6 +281,11 @@ class EvaluateConfig:
     output_file: Optional[str] = None  # default: eval.json in the run folder (or beside the adapter)
 
 
+# Each command's schema, by the name of its primary config (configs/<name>.yaml) and command (python -m qlora.<name>)
+COMMAND_SCHEMAS: dict[str, type] = {"train": TrainConfig, "plan": PlanConfig, "quantize": QuantizeConfig,
+                                    "merge": MergeConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig}
+
+
 def report_destinations(training: TrainingConfig) -> list[str]:
     """training.report_to as a list: one name, a list of names, or none/[] for no destination."""
     names = [training.report_to] if isinstance(training.report_to, str) else list(training.report_to or [])
@@ -346,7 +351,7 @@ def as_plain_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, e.g. 'lora.r' (for docs and tests)."""
+    """Every dotted key of a dataclass instance, e.g. 'lora.r'."""
     keys = []
     for f in fields(node):
         value = getattr(node, f.name)
@@ -354,5 +359,6 @@ def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def schema_keys() -> list[str]:
-    return _dataclass_keys(TrainConfig())
+def schema_keys(schema: type = TrainConfig) -> list[str]:
+    """Every dotted key of a command's schema (training's by default), e.g. 'lora.r'."""
+    return _dataclass_keys(schema())

@@ -21,6 +21,7 @@ from qlora.config import DatasetSource, EvaluateConfig, typed_config
 from qlora.data import prepare_sft_data
 from qlora.data.load import load_formatted
 from qlora.errors import QLoRAError
+from qlora.output import quiet_trainer
 from qlora.runs import find_adapter, load_adapted_model
 from qlora.stages.heldout import generate_answers, score_answers
 
@@ -47,6 +48,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         # TRL insists on a train_dataset even to evaluate; the same rows are tokenized once (datasets' cache)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
                              processing_class=tokenizer)
+        quiet_trainer(trainer)
         loss = trainer.evaluate()["eval_loss"]
     results: dict[str, Any] = {"data": config.data.path, "examples": len(dataset), "eval_loss": loss,
                                "perplexity": math.exp(loss)}

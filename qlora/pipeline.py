@@ -24,6 +24,7 @@ from transformers import set_seed
 from qlora.config import TrainConfig
 from qlora.data import load_sft_dataset, prepare_sft_data
 from qlora.errors import TrainingInterrupted
+from qlora.output import quiet_other_processes
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
@@ -38,7 +39,6 @@ from qlora.stages.model import (
     prepare_for_kbit_training,
 )
 from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
-from qlora.stages.progress import quiet_library_noise
 from qlora.stages.report import write_report
 from qlora.stages.startup import FirstStepMemory, show_summary, startup_summary, write_summary
 from qlora.stages.trainer import build_trainer, check_performance_support, peak_memory_gib
@@ -59,10 +59,10 @@ class RunSummary:
 
 def run_training(config: TrainConfig) -> RunSummary:
     state = process_state()
-    quiet_library_noise(state.is_main_process)
     share_run_dir(config, state)  # before anything reads training.output_dir
-    if not state.is_main_process:
-        logging.getLogger("qlora").setLevel(logging.WARNING)  # the run's log is the main process's
+    if not state.is_main_process:  # the run's log is the main process's
+        quiet_other_processes()
+        logging.getLogger("qlora").setLevel(logging.WARNING)
     run_dir = Path(config.training.output_dir).expanduser()
     resume_from = find_resume_checkpoint(config)  # refuses a checkpoint that does not fit, before any write
     resuming = config.training.resume is not None

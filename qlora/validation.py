@@ -75,6 +75,7 @@ def validate(config: TrainConfig) -> None:
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
     _choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
+    _validate_output_dir(t.output_dir)
     _validate_report_to(t)
     if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
         raise QLoRAError(
@@ -83,6 +84,16 @@ def validate(config: TrainConfig) -> None:
         )
     _at_least("performance.mlp_chunk_tokens", config.performance.mlp_chunk_tokens, 0)
     validate_launch(config)
+
+
+def _validate_output_dir(output_dir: str) -> None:
+    path = Path(output_dir).expanduser()
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # a relative path ends at ".", which exists
+    if not nearest.is_dir():
+        raise QLoRAError(
+            f"training.output_dir={output_dir}: {nearest} is a file, so the run folder cannot be created there. "
+            f"Choose a folder, e.g. training.output_dir=outputs/run1."
+        )
 
 
 def validate_launch(config: TrainConfig) -> None:

@@ -53,6 +53,14 @@ def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | No
     )
 
 
+# what the libraries print that a quiet command must not: progress bars, notices, printed metric dicts
+LIBRARY_NOISE = ("it/s]", "examples/s]", "FutureWarning", "pin_memory", "gemm_4bit_forward", "{'loss'", "{'eval_loss'")
+
+
+def library_noise(result: subprocess.CompletedProcess) -> list[str]:
+    return [noise for noise in LIBRARY_NOISE if noise in result.stdout + result.stderr]
+
+
 def run_with_fault(fault: str, step: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run qlora.train ARGS with a fault injected at `step` (see tests/fault_injection.py)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
