@@ -11,6 +11,7 @@ import datasets
 from qlora.config import DatasetSource
 from qlora.data.formats import detect_format, to_trl_example
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access, why_not_loaded
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,11 @@ def load_rows(path: str, split: str = "train") -> datasets.Dataset:
             if len(builders) > 1:
                 raise QLoRAError(f"{path}: the folder mixes file types ({sorted(builders)}); keep one type per folder.")
             return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+        prepare_hub_access(path)
         return datasets.load_dataset(path, split=split)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise QLoRAError(
-            f"could not load dataset {path} (split {split}): not a local file or folder, and not reachable on "
-            f"the Hub (offline, private without a token, or misspelt). Download it first or give a local "
-            f"path. Details: {error}"
+            f"could not load dataset {path} (split {split}): {why_not_loaded(path, error, repo_type='dataset')}"
         ) from error
     except ValueError as error:  # e.g. an unknown split of a Hub dataset
         raise QLoRAError(f"could not load dataset {path} (split {split}): {error}") from error

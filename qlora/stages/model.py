@@ -13,21 +13,20 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.config import ModelConfig, PerformanceConfig, QuantizationConfig
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access, why_not_loaded
 
 log = logging.getLogger(__name__)
 
 
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    prepare_hub_access(model.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except OSError as error:
-        raise QLoRAError(
-            f"could not load the tokenizer of model.name_or_path={model.name_or_path}: it is neither a "
-            f"local model folder nor reachable on the Hugging Face Hub (offline, gated without a token, "
-            f"or misspelt). Details: {error}"
-        ) from error
+        raise QLoRAError(f"could not load the tokenizer of model.name_or_path={model.name_or_path}: "
+                         f"{why_not_loaded(model.name_or_path, error)}") from error
     if tokenizer.pad_token is None:
         set_pad_token(tokenizer)
     return tokenizer
@@ -111,16 +110,22 @@ def load_quantized_model(
             **quantization_kwargs,
         )
     except OSError as error:
-        raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: {error}") from error
+        raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: "
+                         f"{why_not_loaded(model.name_or_path, error)}") from error
     keep_4bit_layout(loaded)
     return loaded
 
 
 def saved_quantization(model: ModelConfig) -> QuantizationConfig | None:
     """The quantization a pre-quantized bitsandbytes checkpoint was saved with, or None."""
-    config = AutoConfig.from_pretrained(
-        model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
-    )
+    prepare_hub_access(model.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except OSError as error:
+        raise QLoRAError(f"could not load the config.json of model.name_or_path={model.name_or_path}: "
+                         f"{why_not_loaded(model.name_or_path, error)}") from error
     saved = getattr(config, "quantization_config", None)
     if saved is None:
         return None
