@@ -34,7 +34,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         raise QLoRAError("nothing to evaluate on: set data.path=eval.jsonl (any format training accepts).")
     model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
     # tokenized and masked by the same code as training (the adapter's tokenizer keeps its chat template)
-    dataset = prepare_sft_data(config.data, tokenizer, seed=0).train
+    dataset = prepare_sft_data(config.data, tokenizer, seed=0, purpose="evaluation").train
     rows = load_formatted(DatasetSource(config.data.path, config.data.format, config.data.split,
                                         config.data.columns)).dataset
     if config.max_samples is not None:

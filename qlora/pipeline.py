@@ -27,7 +27,7 @@ from qlora.errors import TrainingInterrupted
 from qlora.output import quiet_other_processes
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
-from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
+from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint, remove_if_empty
 from qlora.stages.faults import check_free_space, out_of_memory_error, step_callbacks
 from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
 from qlora.stages.memory import expected_training_peak
@@ -123,6 +123,8 @@ def run_training(config: TrainConfig) -> RunSummary:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.received is not None:
         raise _interrupted(stop.received, trainer.state.global_step, run_dir)
+    if state.is_main_process:
+        remove_if_empty(run_dir / "checkpoints")
     with stage("save adapter", seconds):
         adapter_dir = save_trained_adapter(trainer, tokenizer, run_dir)
     if heldout is not None:

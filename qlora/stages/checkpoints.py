@@ -9,6 +9,7 @@ checkpoints are deleted (save_total_limit) only after the new one is in place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -83,6 +84,12 @@ class AtomicCheckpointTrainer(SFTTrainer):
         shutil.rmtree(staging, ignore_errors=True)
         # by step number, not mtime: a rename does not touch the folder's mtime reliably
         rotate_checkpoints(str(checkpoints_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+def remove_if_empty(checkpoints_dir: Path) -> None:
+    """transformers creates the checkpoints folder with the trainer: a run that saved none leaves no empty folder."""
+    with contextlib.suppress(OSError):  # it holds checkpoints, or is gone
+        checkpoints_dir.rmdir()
 
 
 def newest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
