@@ -36,6 +36,7 @@ from qlora.stages.model import (
     frozen_weights_dtype,
     load_quantized_model,
     load_tokenizer,
+    loaded_quantization,
     prepare_for_kbit_training,
 )
 from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
@@ -84,6 +85,7 @@ def run_training(config: TrainConfig) -> RunSummary:
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
         model = load_quantized_model(config.model, config.quantization, state.device, sharded=uses_fsdp())
+        quantization = loaded_quantization(model, config.quantization)  # a pre-quantized checkpoint's own
         fit_embeddings_to_tokenizer(model, tokenizer)
     with stage("k-bit preparation", seconds):
         model = prepare_for_kbit_training(model, config.training.gradient_checkpointing,
@@ -108,7 +110,8 @@ def run_training(config: TrainConfig) -> RunSummary:
                                                config.training.eval_steps, run_dir / "metrics.jsonl"))
         trainer = build_trainer(config, model, tokenizer, data.train, run_dir, data.validation, callbacks, resuming)
     overview = startup_summary(config, trainable, total, data.stats, len(data.validation) if data.validation else None,
-                               len(trainer.train_dataset), state.num_processes, run_dir, resume_command(run_dir))
+                               len(trainer.train_dataset), state.num_processes, run_dir, resume_command(run_dir),
+                               quantization)
     planned_peak = expected_training_peak(config, trainer.args.per_device_train_batch_size)
     if planned_peak is not None:
         overview.expected_memory = f"{planned_peak:.2f} GiB training peak per GPU (python -m qlora.plan breaks it down)"

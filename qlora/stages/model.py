@@ -135,13 +135,26 @@ def saved_quantization(model: ModelConfig) -> QuantizationConfig | None:
             f"model.name_or_path={model.name_or_path} is quantized with {saved.get('quant_method')}; qlora "
             f"trains on bitsandbytes 4-bit or 8-bit bases. Use the unquantized model instead."
         )
-    if saved.get("load_in_8bit"):
+    return _as_quantization_config(saved)
+
+
+def loaded_quantization(model: PreTrainedModel, requested: QuantizationConfig) -> QuantizationConfig:
+    """The quantization a loaded model computes with: the requested one, or a pre-quantized checkpoint's own."""
+    used = getattr(model.config, "quantization_config", None)
+    if used is None:  # quantization.method=none
+        return requested
+    return _as_quantization_config(used if isinstance(used, dict) else used.to_dict())
+
+
+def _as_quantization_config(bnb: dict) -> QuantizationConfig:
+    """A bitsandbytes quantization_config (as config.json holds it) as the quantization group's values."""
+    if bnb.get("load_in_8bit"):
         return QuantizationConfig(method="int8", double_quant=False)
     return QuantizationConfig(
-        method=saved["bnb_4bit_quant_type"],
-        double_quant=saved["bnb_4bit_use_double_quant"],
-        compute_dtype=str(saved["bnb_4bit_compute_dtype"]).removeprefix("torch."),
-        quant_storage=str(saved["bnb_4bit_quant_storage"]).removeprefix("torch."),
+        method=bnb["bnb_4bit_quant_type"],
+        double_quant=bnb["bnb_4bit_use_double_quant"],
+        compute_dtype=str(bnb["bnb_4bit_compute_dtype"]).removeprefix("torch."),
+        quant_storage=str(bnb["bnb_4bit_quant_storage"]).removeprefix("torch."),
     )
 
 
