@@ -1,7 +1,8 @@
 """The Hugging Face Hub, reachable or not: asked once, then offline mode, with no retry before the error.
 
 A Hub that cannot be reached stands in as a local server that closes every connection unanswered and counts
-them, so that "no retry" is counted, not timed, and nothing depends on this machine's network.
+them, so that "no retry" is counted, not timed, and nothing depends on this machine's network; and as a name
+that never resolves, as on a machine without a network (CI), where huggingface_hub printed its retries.
 """
 
 import os
@@ -93,10 +94,14 @@ UNREACHABLE = "it is not a local path, the Hugging Face cache does not hold it, 
               "folder instead.\n"
 
 
-def run_without_hub(*args: str, hub: LocalHub, cwd, command: str = "qlora.train", offline: bool = False):
-    """`python -m COMMAND ARGS` with `hub` as the Hub, an empty Hugging Face cache, HF_HUB_OFFLINE=1 only if
-    `offline`; no retry printed."""
-    result = run_cli(*args, cwd=cwd, command=command, env={"HF_ENDPOINT": hub.url, "HF_HOME": str(cwd / "hf"),
+UNRESOLVABLE = "http://hub.invalid"  # .invalid never resolves (RFC 2606)
+
+
+def run_without_hub(*args: str, hub: LocalHub | str, cwd, command: str = "qlora.train", offline: bool = False):
+    """`python -m COMMAND ARGS` with `hub` as the Hub (or its URL), an empty Hugging Face cache, HF_HUB_OFFLINE=1
+    only if `offline`; no retry printed."""
+    url = hub if isinstance(hub, str) else hub.url
+    result = run_cli(*args, cwd=cwd, command=command, env={"HF_ENDPOINT": url, "HF_HOME": str(cwd / "hf"),
                                                            "HF_HUB_OFFLINE": "1" if offline else None})
     assert "Retrying" not in result.stdout + result.stderr
     assert "thrown while requesting" not in result.stdout + result.stderr
@@ -129,6 +134,15 @@ def test_plan_offline_goes_straight_to_the_shipped_config(hub, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "config.json from qlora's shipped copy (meta-llama--Llama-2-7b-hf.json; offline)" in result.stdout
     assert hub.connections == 1
+
+
+@pytest.mark.parametrize("command, args", [("qlora.train", ["model.name_or_path=meta-llama/Llama-2-7b-hf"]),
+                                           ("qlora.plan", ["recipe=llama7b"])])
+def test_a_hub_name_that_does_not_resolve_prints_no_retry(tmp_path, command, args):
+    result = run_without_hub(*args, hub=UNRESOLVABLE, cwd=tmp_path, command=command)
+    said = result.stdout + result.stderr
+    assert UNRESOLVABLE in said and "cannot be reached" in said  # as the log line or the error says it
+    assert result.returncode == (2 if command == "qlora.train" else 0), result.stderr[-2000:]
 
 
 def test_a_command_on_local_files_never_asks_the_hub(hub, tmp_path):
