@@ -12,7 +12,7 @@ import hydra
 from hydra._internal.utils import get_args_parser  # the parser hydra.main reads the command line with
 from omegaconf import DictConfig
 
-from qlora.config import configs_dir, recipes_dir, register_configs, with_default_recipe
+from qlora.config import configs_dir, recipe_names, register_configs, with_default_recipe
 from qlora.errors import QLoRAError
 from qlora.output import configure_output
 from qlora.overrides import checked_overrides
@@ -117,8 +117,7 @@ def usage(name: str) -> str:
     lines = [f"usage: python -m qlora.{name} {recipe}[key=value ...] [--cfg job] [--verbose]", "",
              command.summary, ""]
     if command.recipes:
-        names = sorted(path.stem for path in recipes_dir().glob("*.yaml"))
-        lines += [f"recipes: {', '.join(names)}; without one, tiny (the shipped CPU model)",
+        lines += [f"recipes: {', '.join(recipe_names())}; without one, tiny (the shipped CPU model)",
                   f"  {command.recipes}", ""]
     flags = [*command.flags, ("--cfg job", "print the composed config and run nothing"),
              ("--verbose", "also show the libraries' own progress bars and notices"),

@@ -317,6 +317,11 @@ def with_default_recipe(overrides: list[str]) -> list[str]:
     return [*overrides, f"+recipe={DEFAULT_RECIPE}"]
 
 
+def recipe_names() -> list[str]:
+    """The shipped recipes, selected with recipe=NAME: the files in recipes/."""
+    return sorted(path.stem for path in recipes_dir().glob("*.yaml"))
+
+
 def configs_dir() -> Path:
     return _shipped_dir("configs")
 

@@ -40,7 +40,7 @@ def offline_reason() -> Optional[str]:
         get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
     # Any failure to get an answer (no DNS, refused, timed out, TLS, proxy) means the Hub cannot be reached; the
     # HTTP client, and so its exception classes, differ between huggingface_hub versions (httpx, httpx2).
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         go_offline()
         log.info("the Hugging Face Hub (%s) cannot be reached (%s): working offline, from the local cache "
                  "(HF_HUB_OFFLINE=1 skips this check)", constants.ENDPOINT, type(error).__name__)

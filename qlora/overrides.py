@@ -15,7 +15,7 @@ from hydra.core.override_parser.types import OverrideType
 from hydra.errors import OverrideParseException
 from omegaconf import OmegaConf
 
-from qlora.config import COMMAND_SCHEMAS, configs_dir, recipes_dir, schema_keys
+from qlora.config import COMMAND_SCHEMAS, configs_dir, recipe_names, schema_keys
 from qlora.errors import QLoRAError
 
 RECIPE_GROUP = "recipe"
@@ -59,7 +59,7 @@ def accepts_key(schema: type, key: str) -> bool:
 
 
 def check_recipe(name: object) -> None:
-    names = sorted(path.stem for path in recipes_dir().glob("*.yaml"))
+    names = recipe_names()
     if name not in names:
         raise QLoRAError(f"recipe={name} is not a recipe{_closest(str(name), names, 'recipe=')}. "
                          f"The recipes are {', '.join(names)} (the files in recipes/).")

@@ -12,15 +12,14 @@ import logging
 import sys
 
 from qlora.cli import DOCS
-from qlora.config import recipes_dir
+from qlora.config import recipe_names
 from qlora.errors import QLoRAError
 from qlora.output import configure_output
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipes = ", ".join(sorted(path.stem for path in recipes_dir().glob("*.yaml")))
     parser = argparse.ArgumentParser(prog="python -m qlora.data", description=__doc__.splitlines()[0],
-                                     epilog=f"recipes: {recipes}; docs: docs/data.md, and {DOCS}")
+                                     epilog=f"recipes: {', '.join(recipe_names())}; docs: docs/data.md, and {DOCS}")
     parser.add_argument("command", choices=["preview"])
     parser.add_argument("-n", "--examples", type=int, default=3, help="how many examples to show (default 3)")
     parser.add_argument("--verbose", action="store_true", help="also show the libraries' own progress bars and notices")
