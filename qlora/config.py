@@ -286,6 +286,11 @@ class EvaluateConfig:
     trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
+# Each command's schema, by the name of its primary config (configs/<name>.yaml) and command (python -m qlora.<name>)
+COMMAND_SCHEMAS: dict[str, type] = {"train": TrainConfig, "plan": PlanConfig, "quantize": QuantizeConfig,
+                                    "merge": MergeConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig}
+
+
 def report_destinations(training: TrainingConfig) -> list[str]:
     """training.report_to as a list: one name, a list of names, or none/[] for no destination."""
     names = [training.report_to] if isinstance(training.report_to, str) else list(training.report_to or [])
@@ -315,6 +320,11 @@ def with_default_recipe(overrides: list[str]) -> list[str]:
     if any(arg.lstrip("+~").startswith("recipe=") for arg in overrides):
         return list(overrides)
     return [*overrides, f"+recipe={DEFAULT_RECIPE}"]
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes, selected with recipe=NAME: the files in recipes/."""
+    return sorted(path.stem for path in recipes_dir().glob("*.yaml"))
 
 
 def configs_dir() -> Path:
@@ -351,7 +361,7 @@ def as_plain_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, e.g. 'lora.r' (for docs and tests)."""
+    """Every dotted key of a dataclass instance, e.g. 'lora.r'."""
     keys = []
     for f in fields(node):
         value = getattr(node, f.name)
@@ -359,5 +369,6 @@ def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def schema_keys() -> list[str]:
-    return _dataclass_keys(TrainConfig())
+def schema_keys(schema: type = TrainConfig) -> list[str]:
+    """Every dotted key of a command's schema (training's by default), e.g. 'lora.r'."""
+    return _dataclass_keys(schema())

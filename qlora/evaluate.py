@@ -26,6 +26,7 @@ from qlora.config import ColumnNames, DataConfig, DatasetSource, EvaluateConfig,
 from qlora.data import prepare_sft_data
 from qlora.data.load import load_formatted
 from qlora.errors import QLoRAError
+from qlora.output import quiet_trainer
 from qlora.runs import adapter_folder, load_adapted_model, load_run_config
 from qlora.stages.heldout import generate_answers, score_answers
 
@@ -56,6 +57,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         # TRL insists on a train_dataset even to evaluate; the same rows are tokenized once (datasets' cache)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
                              processing_class=tokenizer)
+        quiet_trainer(trainer)
         loss = trainer.evaluate()["eval_loss"]
     results: dict[str, Any] = {"data": source.described, "examples": len(dataset), "eval_loss": loss,
                                "perplexity": math.exp(loss)}
@@ -86,7 +88,7 @@ def _examples_and_rows(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The tokenized examples, and the rows they came from (none for the run's split: it keeps no prompts)."""
     # tokenized and masked by the same code as training (the adapter's tokenizer keeps its chat template)
-    prepared = prepare_sft_data(source.data, tokenizer, seed=source.seed)
+    prepared = prepare_sft_data(source.data, tokenizer, seed=source.seed, purpose="evaluation")
     if source.validation_split:
         examples, rows = prepared.validation, None
     else:

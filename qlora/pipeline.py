@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase, TrainerState, set_seed
 from qlora.config import TrainConfig
 from qlora.data import prepare_sft_data
 from qlora.errors import TrainingInterrupted
+from qlora.output import quiet_other_processes
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import (
     adapter_tensor_names,
@@ -39,6 +40,7 @@ from qlora.stages.checkpoints import (
     find_resume_checkpoint,
     finished_at,
     newest_checkpoint,
+    remove_if_empty,
 )
 from qlora.stages.disk_space import check_free_space
 from qlora.stages.faults import (
@@ -56,11 +58,11 @@ from qlora.stages.model import (
     frozen_weights_dtype,
     load_quantized_model,
     load_tokenizer,
+    loaded_quantization,
     prepare_for_kbit_training,
     warn_about_remote_code,
 )
 from qlora.stages.processes import describe_global_batch, on_main_process, process_state, share_run_dir, uses_fsdp
-from qlora.stages.progress import quiet_library_noise
 from qlora.stages.report import write_report
 from qlora.stages.run_lock import RunDirLock
 from qlora.stages.startup import FirstStepMemory, show_summary, startup_summary, write_summary
@@ -84,10 +86,10 @@ class RunSummary:
 
 def run_training(config: TrainConfig) -> RunSummary:
     state = process_state()
-    quiet_library_noise(state.is_main_process)
     share_run_dir(config, state)  # before anything reads training.output_dir
-    if not state.is_main_process:
-        logging.getLogger("qlora").setLevel(logging.WARNING)  # the run's log is the main process's
+    if not state.is_main_process:  # the run's log is the main process's
+        quiet_other_processes()
+        logging.getLogger("qlora").setLevel(logging.WARNING)
     run_dir = Path(config.training.output_dir).expanduser()
     stop, guard = step_callbacks(config, run_dir)
     lock = RunDirLock(run_dir)
@@ -128,6 +130,7 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
         model = load_quantized_model(config.model, config.quantization, state.device, sharded=uses_fsdp())
+        quantization = loaded_quantization(model, config.quantization)  # a pre-quantized checkpoint's own
         fit_embeddings_to_tokenizer(model, tokenizer)
     with stage("k-bit preparation", seconds):
         model = prepare_for_kbit_training(model, config.training.gradient_checkpointing,
@@ -151,7 +154,8 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
                                                config.training.eval_steps, run_dir / "metrics.jsonl"))
         trainer = build_trainer(config, model, tokenizer, data.train, run_dir, data.validation, callbacks, resuming)
     overview = startup_summary(config, trainable, total, data.stats, len(data.validation) if data.validation else None,
-                               len(trainer.train_dataset), state.num_processes, run_dir, resume_command(run_dir))
+                               len(trainer.train_dataset), state.num_processes, run_dir, resume_command(run_dir),
+                               quantization)
     planned_peak = expected_training_peak(config, trainer.args.per_device_train_batch_size)
     if planned_peak is not None:
         overview.expected_memory = f"{planned_peak:.2f} GiB training peak per GPU (python -m qlora.plan breaks it down)"
@@ -166,6 +170,8 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.received is not None:
         raise _interrupted(stop.received, trainer.state.global_step, run_dir)
+    if state.is_main_process:
+        remove_if_empty(run_dir / "checkpoints")
     # the adapter, the held-out check, the summary and the report take seconds: a signal lets them finish
     with stop.finishing_first("finishing the run first (adapter, held-out check, summary, report)"):
         summary = _end_of_run(config, state, trainer, tokenizer, heldout, before, guard, seconds)

@@ -78,6 +78,7 @@ def validate(config: TrainConfig) -> None:
     if not 0.0 <= t.max_skipped_fraction <= 1.0:
         raise QLoRAError(f"training.max_skipped_fraction={t.max_skipped_fraction} is out of range: use a share of "
                          f"the steps in [0, 1], e.g. 0.1.")
+    _validate_output_dir(t.output_dir)
     _validate_report_to(t)
     if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
         raise QLoRAError(
@@ -86,6 +87,16 @@ def validate(config: TrainConfig) -> None:
         )
     _at_least("performance.mlp_chunk_tokens", config.performance.mlp_chunk_tokens, 0)
     validate_launch(config)
+
+
+def _validate_output_dir(output_dir: str) -> None:
+    path = Path(output_dir).expanduser()
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # a relative path ends at ".", which exists
+    if not nearest.is_dir():
+        raise QLoRAError(
+            f"training.output_dir={output_dir}: {nearest} is a file, so the run folder cannot be created there. "
+            f"Choose a folder, e.g. training.output_dir=outputs/run1."
+        )
 
 
 def validate_launch(config: TrainConfig) -> None:

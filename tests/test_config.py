@@ -120,7 +120,7 @@ def test_data_keys_compose_from_the_command_line(tmp_path):
 
 
 def test_a_misspelt_column_field_is_refused_while_composing():
-    with pytest.raises(Exception, match="Could not override 'data.columns.question'"):
+    with pytest.raises(QLoRAError, match=r"^data.columns.question is not a key of python -m qlora.train \(did you"):
         compose_config(["data.columns.question=q"])
 
 

@@ -12,6 +12,7 @@ from qlora.config import DatasetSource
 from qlora.data.files import RowOrigins, Rows, read_local
 from qlora.data.formats import detect_format, to_trl_example
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access, why_not_loaded
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,11 @@ def read_rows(path: str, split: str = "train", on_error: str = "raise") -> Rows:
     if Path(path).expanduser().exists():
         return read_local(path, on_error)
     try:
+        prepare_hub_access(path)
         return Rows(datasets.load_dataset(path, split=split), RowOrigins(f"{path} (split {split})"))
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise QLoRAError(
-            f"could not load dataset {path} (split {split}): not a local file or folder, and not reachable on "
-            f"the Hub (offline, private without a token, or misspelt). Download it first or give a local "
-            f"path. Details: {error}"
+            f"could not load dataset {path} (split {split}): {why_not_loaded(path, error, repo_type='dataset')}"
         ) from error
     except ValueError as error:  # e.g. an unknown split of a Hub dataset
         raise QLoRAError(f"could not load dataset {path} (split {split}): {error}") from error

@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from qlora.config import ASSETS_DIR, ModelConfig, TrainConfig
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access
 from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
 from qlora.stages.offload import offloads_checkpoints
 
@@ -266,6 +267,7 @@ def count_parameters(model_config: PretrainedConfig, config: TrainConfig) -> Par
 
 def load_architecture(model: ModelConfig) -> Architecture:
     """config.json from the local folder or the hub cache (AutoConfig), else qlora's shipped copy."""
+    prepare_hub_access(model.name_or_path)
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
@@ -275,7 +277,8 @@ def load_architecture(model: ModelConfig) -> Architecture:
         shipped = ARCHITECTURES_DIR / (model.name_or_path.replace("/", "--") + ".json")
         if not shipped.is_file():
             raise QLoRAError(
-                f"could not read the config.json of model.name_or_path={model.name_or_path} ({error}), and qlora "
+                f"could not read the config.json of model.name_or_path={model.name_or_path} "
+                f"({' '.join(str(error).split())}), and qlora "
                 f"ships no copy of it (it has {', '.join(sorted(p.stem for p in ARCHITECTURES_DIR.glob('*.json')))}). "
                 f"Download the model's config.json into a folder and set model.name_or_path to that folder."
             ) from error

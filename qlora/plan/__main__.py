@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from qlora.cli import run_hydra_command
-from qlora.config import PlanConfig, typed_config, with_default_recipe
+from qlora.config import PlanConfig, typed_config
 from qlora.errors import QLoRAError
 from qlora.plan import (LONGEST_SEQUENCE_SEARCHED, Architecture, GiB, MemoryPlan, largest_batch, load_architecture,
                         longest_sequence, plan_memory)
@@ -132,8 +132,7 @@ def gpu_memory_flag(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    sys.argv[1:] = with_default_recipe(gpu_memory_flag(sys.argv[1:]))
-    run_hydra_command("plan", plan_command)
+    run_hydra_command("plan", plan_command, gpu_memory_flag(sys.argv[1:]))
 
 
 if __name__ == "__main__":

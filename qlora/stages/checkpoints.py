@@ -11,6 +11,7 @@ chooses a checkpoint, and sets a damaged one aside.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -102,6 +103,12 @@ class AtomicCheckpointTrainer(SFTTrainer):
             f"previous checkpoint {previous} is intact. Fix the cause (e.g. the folder's permissions), then "
             f"resume with training.resume=auto."
         )
+
+
+def remove_if_empty(checkpoints_dir: Path) -> None:
+    """transformers creates the checkpoints folder with the trainer: a run that saved none leaves no empty folder."""
+    with contextlib.suppress(OSError):  # it holds checkpoints, or is gone
+        checkpoints_dir.rmdir()
 
 
 def newest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:

@@ -1,16 +1,14 @@
-"""What the terminal shows while training: one progress bar from the main process, and no library noise."""
+"""What the terminal shows while training: one progress bar from the main process (qlora.output quiets the
+libraries' own)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-import warnings
 from datetime import timedelta
 from typing import Optional, TextIO
 
-import datasets
-import transformers
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -99,23 +97,3 @@ class TrainingProgress(TrainerCallback):
             self.bar.write(line, file=self.stream)
         else:
             log.info(line)
-
-
-def quiet_library_noise(is_main_process: bool) -> None:
-    """Silence what users cannot act on; keep real warnings.
-
-    Off: datasets' per-operation bars and transformers' weight-loading bar (each stage logs its time),
-    library-internal deprecation notices (they concern qlora's calls, not the user's), and torch's
-    pin_memory notice on machines without a GPU. Processes other than the main one print errors only,
-    so that N processes do not print N copies of every message.
-    """
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category,
-                                module=r"(transformers|trl|peft|accelerate|datasets|torch|bitsandbytes)(\.|$)")
-    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found")
-    if not is_main_process:
-        transformers.utils.logging.set_verbosity_error()
-        datasets.utils.logging.set_verbosity_error()
-        log.setLevel(logging.ERROR)

@@ -115,8 +115,14 @@ def write_comparison(run_dirs: list[Path], output: Path) -> Path:
 
 
 def plot_runs(records: list[RunRecord], path: Path) -> None:
-    """Training loss (lines) and eval loss (markers) above, learning rate below, one colour per run."""
+    loss_figure(records).savefig(path, dpi=100)
+
+
+def loss_figure(records: list[RunRecord]) -> Figure:
+    """Training loss (lines) and eval loss (markers) above, learning rate below, one colour per run; titled with
+    the run, and the loss on a log scale when it spans more than a decade (else its end would be a flat line)."""
     figure = Figure(figsize=(8, 6), constrained_layout=True)
+    figure.suptitle(records[0].name if len(records) == 1 else f"comparison of {len(records)} runs")
     loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     for index, record in enumerate(records):
         colour = f"C{index}"
@@ -127,13 +133,17 @@ def plot_runs(records: list[RunRecord], path: Path) -> None:
             loss_axes.plot([row["step"] for row in record.eval_rows], [row["eval_loss"] for row in record.eval_rows],
                            "o--", color=colour, label=f"{label} eval loss" if len(records) > 1 else "eval loss")
         lr_axes.plot(steps, [row.get("lr") or 0.0 for row in record.train_rows], color=colour)
+    losses = [row["loss"] for r in records for row in r.train_rows] + \
+        [row["eval_loss"] for r in records for row in r.eval_rows]
+    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):
+        loss_axes.set_yscale("log")
     loss_axes.set_ylabel("loss")
     loss_axes.legend(fontsize="small")
     loss_axes.grid(alpha=0.3)
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("step")
     lr_axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    return figure
 
 
 def _results(record: RunRecord) -> list[tuple[str, str]]:
