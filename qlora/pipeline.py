@@ -183,6 +183,12 @@ def _heldout_examples(config: TrainConfig) -> datasets.Dataset | None:
     samples = config.eval.exact_match_samples
     if config.data.heldout_path is None or samples == 0:
         return None
+    if uses_fsdp():
+        # generate() runs the model's layers without FSDP's gathering of their weights; the saved adapter answers
+        # in one process instead (qlora.evaluate)
+        log.info("held-out check skipped under FSDP: the sharded model cannot generate. Score the saved adapter with "
+                 "python -m qlora.evaluate run=%s data.path=%s", config.training.output_dir, config.data.heldout_path)
+        return None
     heldout = load_sft_dataset(config.data.heldout_path, config.data.format)
     return heldout.select(range(min(samples, len(heldout))))
 
