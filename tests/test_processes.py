@@ -185,7 +185,7 @@ def test_global_batch_is_described_with_its_factors(tiny_config):
 
 @pytest.mark.parametrize("environment, overrides, expected", [
     ({"WORLD_SIZE": "2"}, ["training.batch_size=auto"], "training.batch_size=auto with 2 processes"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed is not supported"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed is not supported.*configs/accelerate/fsdp_qlora.yaml"),
     ({"ACCELERATE_USE_FSDP": "true"}, [], r"quantization.quant_storage=uint8 .* under FSDP.*Set quantization.quant_storage=float32"),
     ({"ACCELERATE_USE_FSDP": "true"}, ["quantization.quant_storage=float32", "model.dtype=bfloat16"],
      "model.dtype=bfloat16 under FSDP.*quant_storage=float32 and model.dtype=float32"),
