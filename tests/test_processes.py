@@ -4,6 +4,7 @@ CPU, tests/fsdp_on_cpu.py) and its adapter, and the combinations refused before 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from qlora.compose import compose_config
-from qlora.config import DataConfig, EvaluateConfig
+from qlora.config import ASSETS_DIR, DataConfig, EvaluateConfig
 from qlora.errors import QLoRAError
 from qlora.evaluate import evaluate
 from qlora.pipeline import run_training
@@ -204,3 +206,41 @@ def test_launch_combinations_that_cannot_work_are_refused(tiny_config, monkeypat
 def test_fsdp_with_float_storage_is_accepted(tiny_config, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert tiny_config("quantization.quant_storage=float32").quantization.quant_storage == "float32"
+
+
+def _multi_gpu_script():
+    sys.path.insert(0, str(TESTS.parent / "scripts" / "benchmarks"))
+    import multi_gpu
+
+    return multi_gpu
+
+
+def test_multi_gpu_benchmark_s_fsdp_model_fits_two_capped_gpus_and_not_one(tmp_path):
+    """scripts/benchmarks/multi_gpu.py fsdp --gpu-memory 24GiB: by the plan, its default architecture and batch need
+    more than 24 GiB on one GPU and less in each of 2 FSDP processes, and each process can load the 4-bit model."""
+    from transformers import LlamaConfig
+
+    multi_gpu = _multi_gpu_script()
+    from make_random_checkpoint import ARCHITECTURES
+
+    defaults = multi_gpu.DEFAULTS["fsdp"]
+    LlamaConfig(**ARCHITECTURES[defaults["architecture"]]).save_pretrained(tmp_path / "model")
+    args = argparse.Namespace(tiny=False, seq=2048, steps=defaults["steps"])
+    rows, b = tmp_path / "rows.jsonl", defaults["batch"]
+    rows.write_text('{"text": "a"}\n')
+    plan = multi_gpu.plan(multi_gpu.train_overrides(args, str(tmp_path / "model"), rows, b),
+                          multi_gpu.train_overrides(args, str(tmp_path / "model"), rows, 2 * b), processes=2)
+    cap = 24
+    assert plan["one_gpu_training_peak_gib"] > cap > plan["fsdp_process_training_peak_gib"]
+    assert plan["fsdp_process_load_peak_gib"] < cap
+
+
+def test_multi_gpu_benchmark_text_rows_are_natural_text_never_repeated(tmp_path):
+    multi_gpu = _multi_gpu_script()
+    path = multi_gpu.text_rows(tmp_path / "rows.jsonl", rows=40, seq=64, model=str(ASSETS_DIR / "tiny-llama"))
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert len(texts) == len(set(texts)) == 40
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny-llama")
+    assert all(len(tokenizer(text)["input_ids"]) >= 60 for text in texts)  # every row fills data.max_length
+    validation = multi_gpu.validation_rows(tmp_path / "validation.jsonl", multiple=10)
+    assert len(validation.read_text().splitlines()) == 30  # of the 32 held-out rows
