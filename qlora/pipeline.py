@@ -125,7 +125,7 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
         tokenizer = load_tokenizer(config.model)
     with stage("data", seconds):
         data = prepare_sft_data(config.data, tokenizer, config.training.seed)
-        heldout = heldout_examples(config.data.heldout_path, config.eval.exact_match_samples, data.formats)
+        heldout = _heldout_examples(config, data.formats)
         if state.is_main_process:
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
@@ -289,6 +289,16 @@ def resume_command(run_dir: Path) -> str:
     launcher = "accelerate launch [the same options] -m qlora.train" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
         else "python -m qlora.train"
     return " ".join([launcher, *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
+
+
+def _heldout_examples(config: TrainConfig, formats: list[str]) -> datasets.Dataset | None:
+    if uses_fsdp() and config.data.heldout_path is not None and config.eval.exact_match_samples:
+        # generate() runs the model's layers without FSDP's gathering of their weights; the saved adapter answers
+        # in one process instead (qlora.evaluate)
+        log.info("held-out check skipped under FSDP: the sharded model cannot generate. Score the saved adapter with "
+                 "python -m qlora.evaluate run=%s data.path=%s", config.training.output_dir, config.data.heldout_path)
+        return None
+    return heldout_examples(config.data.heldout_path, config.eval.exact_match_samples, formats)
 
 
 def _log_exact_match(when: str, result: ExactMatch) -> None:

@@ -110,9 +110,10 @@ def validate_launch(config: TrainConfig) -> None:
         )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise QLoRAError(
-            "DeepSpeed is not supported by qlora (it is not tested with 4-bit bases here): launch with "
-            "--config_file configs/accelerate/fsdp_qlora.yaml to shard a model over GPUs, or "
-            "configs/accelerate/ddp.yaml when the model fits one GPU."
+            "DeepSpeed is not supported by qlora: its adapter saving and checkpoints read each process's own "
+            "weights and optimizer state, which DeepSpeed partitions. Launch with --config_file "
+            "configs/accelerate/fsdp_qlora.yaml to shard a model over GPUs, or configs/accelerate/ddp.yaml when "
+            "the model fits one GPU."
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return

@@ -24,6 +24,7 @@ from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import CONFIG_NAME
 from qlora.stages.disk_space import WRITE_ERRORS, adapter_bytes, no_space_left, out_of_space
 from qlora.stages.run_lock import LOCK_NAME
+from qlora.stages.sharded_adapter import adapter_for_saving
 
 log = logging.getLogger("qlora")
 
@@ -125,13 +126,12 @@ def describe_environment() -> dict:
 def save_trained_adapter(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
     """Save the trained adapter from every process: the main process writes it.
 
-    Under FSDP each process holds a shard of the weights, so all of them take part in gathering the full
-    state dict (accelerate's get_state_dict, onto the main process's CPU); peft keeps only the adapter's
-    tensors, which then load in a single process.
+    Under FSDP each process holds a shard of the adapter, so all of them take part in gathering it onto the
+    main process (qlora/stages/sharded_adapter.py); it then loads in a single process.
     """
-    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    model, state_dict = adapter_for_saving(trainer)
     if trainer.accelerator.is_main_process:
-        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run_dir, state_dict)
+        save_adapter(model, tokenizer, run_dir, state_dict)
     trainer.accelerator.wait_for_everyone()
     return run_dir / "adapter"
 

@@ -32,6 +32,7 @@ from trl import SFTTrainer
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
 from qlora.stages.disk_space import WRITE_ERRORS, checkpoint_bytes, no_space_left, out_of_space
+from qlora.stages.sharded_adapter import ShardedAdapterCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ RESUME_KEYS = ("model.", "quantization.", "lora.", "data.path", "data.format", "
                "training.batch_size", "training.grad_accum", "training.seed")
 
 
-class AtomicCheckpointTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints are written atomically and carry the resolved config."""
+class AtomicCheckpointTrainer(ShardedAdapterCheckpoints, SFTTrainer):
+    """SFTTrainer whose checkpoints are written atomically and carry the resolved config (and under FSDP, the
+    adapter gathered from the processes)."""
 
     def __init__(self, *args: Any, qlora_config: TrainConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -120,8 +122,13 @@ def newest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
     return max(complete)[1] if complete else None
 
 
+# accelerate names the optimizer's state optimizer.bin under FSDP
+OTHER_NAMES = {"optimizer.pt": "optimizer.bin"}
+
+
 def missing_files(checkpoint: Path) -> list[str]:
-    return [name for name in REQUIRED_FILES if not (checkpoint / name).is_file()]
+    return [name for name in REQUIRED_FILES
+            if not (checkpoint / name).is_file() and not (checkpoint / OTHER_NAMES.get(name, name)).is_file()]
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Optional[Path]:
