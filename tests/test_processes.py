@@ -22,7 +22,9 @@ from qlora.errors import QLoRAError
 from qlora.evaluate import evaluate
 from qlora.pipeline import run_training
 from qlora.stages.artifacts import adapter_tensor_names
+from qlora.stages.checkpoints import checkpoint_fault
 from qlora.stages.processes import describe_global_batch
+from test_checkpoints import truncate
 
 # Two processes of batch 8 see, per step, the same 16 examples as one process of batch 16: accelerate's
 # seedable sampler draws one order and gives process i the batches i, i + 2, ... of it.
@@ -178,6 +180,11 @@ def test_fsdp_resumes_after_a_killed_process_with_the_losses_of_the_uninterrupte
     for checkpoint in ("checkpoint-2", "checkpoint-4"):  # the adapter gathered at every checkpoint
         assert adapter_tensor_names(run_dir / "checkpoints" / checkpoint) == adapter_tensor_names(fsdp_run / "adapter")
     assert_same_adapter(run_dir / "adapter", fsdp_run)
+    # resume=auto reads the optimizer state under accelerate's FSDP name too before it chooses a checkpoint
+    checkpoint = run_dir / "checkpoints/checkpoint-4"
+    assert checkpoint_fault(checkpoint) is None
+    truncate(checkpoint / "optimizer.bin")
+    assert checkpoint_fault(checkpoint).startswith("optimizer.bin is unreadable")
 
 
 def test_global_batch_is_described_with_its_factors(tiny_config):

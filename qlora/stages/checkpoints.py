@@ -209,7 +209,8 @@ def _read(path: Path) -> None:
     elif path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt"):  # checks that the header's tensors fill the file
             pass
-    elif path.suffix in (".pt", ".pth"):  # optimizer, scheduler, RNG and scaler states
+    elif path.suffix in (".pt", ".pth") or path.name == OTHER_NAMES["optimizer.pt"]:
+        # optimizer (optimizer.bin under FSDP), scheduler, RNG and scaler states
         with safe_globals():  # the numpy types of the RNG states, as transformers allows them
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the zip index, not the data
 
