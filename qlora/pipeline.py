@@ -1,7 +1,7 @@
 """The training run: the ordered stages over one config, each timed and logged.
 
     run folder -> tokenizer -> data -> quantized model -> k-bit preparation -> LoRA adapters
-    -> held-out check -> SFTTrainer.train -> save adapter -> held-out check -> summary
+    -> held-out check -> the method's trainer (SFT, DPO, ORPO, KTO).train -> save adapter -> held-out check -> summary
 """
 
 from __future__ import annotations
@@ -19,16 +19,17 @@ from typing import Iterator, Optional
 
 import datasets
 import torch
-from transformers import set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from qlora.config import TrainConfig
-from qlora.data import load_sft_dataset, prepare_sft_data
-from qlora.errors import TrainingInterrupted
+from qlora.config import DatasetSource, TrainConfig
+from qlora.data import prepare_training_data
+from qlora.data.load import load_formatted
+from qlora.errors import QLoRAError, TrainingInterrupted
 from qlora.stages.adapters import attach_training_adapters
 from qlora.stages.artifacts import prepare_run_dir, save_trained_adapter
 from qlora.stages.checkpoints import checkpoint_step, find_resume_checkpoint, newest_checkpoint
 from qlora.stages.faults import check_free_space, out_of_memory_error, step_callbacks
-from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match
+from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, PreferenceAccuracy, exact_match, preference_accuracy
 from qlora.stages.memory import expected_training_peak
 from qlora.stages.model import (
     fit_embeddings_to_tokenizer,
@@ -54,6 +55,12 @@ class RunSummary:
     train_loss_last: Optional[float] = None
     exact_match_before: Optional[float] = None
     exact_match_after: Optional[float] = None
+    # the preference methods' held-out check: share of pairs whose chosen answer is the more likely, and the mean
+    # log-probability margin chosen - rejected
+    preference_accuracy_before: Optional[float] = None
+    preference_accuracy_after: Optional[float] = None
+    preference_margin_before: Optional[float] = None
+    preference_margin_after: Optional[float] = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -78,7 +85,7 @@ def run_training(config: TrainConfig) -> RunSummary:
     with stage("tokenizer", seconds):
         tokenizer = load_tokenizer(config.model)
     with stage("data", seconds):
-        data = prepare_sft_data(config.data, tokenizer, config.training.seed)
+        data = prepare_training_data(config.data, tokenizer, config.training.seed, config.training.method)
         heldout = _heldout_examples(config)
         if state.is_main_process:
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
@@ -98,8 +105,7 @@ def run_training(config: TrainConfig) -> RunSummary:
     before = after = None
     if heldout is not None:
         with stage("held-out check (before)", seconds):
-            before = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
-        _log_exact_match("before training", before)
+            before = _check_heldout(config, model, tokenizer, heldout, "before training")
     stop, guard = step_callbacks(config, run_dir)
     with stage("trainer", seconds):
         callbacks = [stop, guard]
@@ -127,8 +133,7 @@ def run_training(config: TrainConfig) -> RunSummary:
         adapter_dir = save_trained_adapter(trainer, tokenizer, run_dir)
     if heldout is not None:
         with stage("held-out check (after)", seconds):
-            after = exact_match(trainer.model, tokenizer, heldout, config.eval.max_new_tokens)
-        _log_exact_match("after training", after)
+            after = _check_heldout(config, trainer.model, tokenizer, heldout, "after training")
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = RunSummary(
@@ -136,9 +141,8 @@ def run_training(config: TrainConfig) -> RunSummary:
         adapter_dir=str(adapter_dir),
         train_loss_first=losses[0] if losses else None,
         train_loss_last=losses[-1] if losses else None,
-        exact_match_before=before.accuracy if before else None,
-        exact_match_after=after.accuracy if after else None,
         stage_seconds=seconds,
+        **_heldout_scores(before, after),
     )
     if state.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
@@ -180,17 +184,42 @@ def resume_command(run_dir: Path) -> str:
 
 
 def _heldout_examples(config: TrainConfig) -> datasets.Dataset | None:
-    samples = config.eval.exact_match_samples
-    if config.data.heldout_path is None or samples == 0:
+    """The first eval.exact_match_samples rows of data.heldout_path: prompts with answers, or for a preference
+    method pairs."""
+    samples, path, method = config.eval.exact_match_samples, config.data.heldout_path, config.training.method
+    if path is None or samples == 0:
         return None
-    heldout = load_sft_dataset(config.data.heldout_path, config.data.format)
+    heldout = load_formatted(DatasetSource(path=path, format=config.data.format), method=method).dataset
+    if method != "sft" and "chosen" not in heldout.column_names:
+        raise QLoRAError(f"data.heldout_path={path} holds unpaired completions, but the held-out check compares the "
+                         f"two answers of a pair: give prompt/chosen/rejected pairs, or data.heldout_path=null.")
     return heldout.select(range(min(samples, len(heldout))))
 
 
-def _log_exact_match(when: str, result: ExactMatch) -> None:
+def _check_heldout(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   heldout: datasets.Dataset, when: str) -> ExactMatch | PreferenceAccuracy:
+    """SFT: greedy answers scored by exact match; a preference method: how often the chosen answer is preferred."""
+    if config.training.method != "sft":
+        result = preference_accuracy(model, tokenizer, heldout)
+        log.info("held-out preference accuracy %s: %d/%d (%.0f%%), mean log-probability margin chosen - rejected "
+                 "%.3f", when, result.preferred, result.total, 100 * result.accuracy, result.mean_margin)
+        return result
+    result = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
     log.info("held-out exact match %s: %d/%d (%.0f%%)", when, result.correct, result.total, 100 * result.accuracy)
     for _, expected, answer in result.samples:
         log.info("    expected %r, model said %r", expected, answer.strip())
+    return result
+
+
+def _heldout_scores(before: ExactMatch | PreferenceAccuracy | None,
+                    after: ExactMatch | PreferenceAccuracy | None) -> dict[str, Optional[float]]:
+    """The summary's fields of the held-out check that ran (none without a held-out set)."""
+    if before is None or after is None:
+        return {}
+    if isinstance(before, ExactMatch):
+        return {"exact_match_before": before.accuracy, "exact_match_after": after.accuracy}
+    return {"preference_accuracy_before": before.accuracy, "preference_accuracy_after": after.accuracy,
+            "preference_margin_before": before.mean_margin, "preference_margin_after": after.mean_margin}
 
 
 def _log_to_file(path: Path) -> None:

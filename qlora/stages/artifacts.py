@@ -110,7 +110,8 @@ def save_adapter(
     """
     final, partial = run_dir / "adapter", run_dir / "adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=state_dict)
+    # only the trained adapter: not the frozen reference copy DPO and KTO keep of a continued one (model.adapter)
+    model.save_pretrained(partial, state_dict=state_dict, selected_adapters=[model.active_adapter])
     if not adapter_tensor_names(partial):
         # e.g. a state dict gathered without the adapter's weights: an empty adapter would load silently as
         # the untrained base model, so refuse it and keep whatever adapter/ already holds

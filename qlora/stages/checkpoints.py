@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 from transformers.trainer_utils import rotate_checkpoints
-from trl import SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
@@ -34,11 +34,11 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # different model or walk a different data order. Everything else (max_steps, lr, logging) may change.
 RESUME_KEYS = ("model.", "quantization.", "lora.", "data.path", "data.format", "data.max_length", "data.datasets",
                "data.columns", "data.split", "data.chat_template", "data.train_on_prompt",
-               "training.batch_size", "training.grad_accum", "training.seed")
+               "training.method", "training.batch_size", "training.grad_accum", "training.seed")
 
 
-class AtomicCheckpointTrainer(SFTTrainer):
-    """SFTTrainer whose checkpoints are written atomically and carry the resolved config."""
+class AtomicCheckpoints:
+    """Mixed in before a TRL trainer: its checkpoints are written atomically and carry the resolved config."""
 
     def __init__(self, *args: Any, qlora_config: TrainConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -83,6 +83,27 @@ class AtomicCheckpointTrainer(SFTTrainer):
         shutil.rmtree(staging, ignore_errors=True)
         # by step number, not mtime: a rename does not touch the folder's mtime reliably
         rotate_checkpoints(str(checkpoints_dir), save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+class AtomicCheckpointTrainer(AtomicCheckpoints, SFTTrainer):
+    """SFTTrainer whose checkpoints are written atomically and carry the resolved config."""
+
+
+class AtomicDPOTrainer(AtomicCheckpoints, DPOTrainer):
+    """DPOTrainer whose checkpoints are written atomically and carry the resolved config."""
+
+
+class AtomicKTOTrainer(AtomicCheckpoints, KTOTrainer):
+    """KTOTrainer whose checkpoints are written atomically and carry the resolved config."""
+
+
+def atomic_trainer_class(method: str) -> type:
+    """The TRL trainer of training.method, with atomic checkpoints."""
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer  # TRL 1.16 keeps ORPO among its experimental trainers
+
+        return type("AtomicORPOTrainer", (AtomicCheckpoints, ORPOTrainer), {})
+    return {"sft": AtomicCheckpointTrainer, "dpo": AtomicDPOTrainer, "kto": AtomicKTOTrainer}[method]
 
 
 def newest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:
