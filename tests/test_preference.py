@@ -167,6 +167,25 @@ def test_dpo_resumed_after_a_kill_ends_with_the_adapter_of_an_uninterrupted_run(
     assert logged[0] == logged[1] and len(logged[0]) == 5
 
 
+def test_two_processes_under_accelerate_train_dpo_as_one_process_does(tiny_config, tmp_path):
+    from test_processes import launch_two_processes
+
+    run = ("+recipe=tiny_dpo", "training.max_steps=3", *SHORT[1:])
+    one = Path(run_training(tiny_config(*run, "training.batch_size=8")).run_dir)
+    two = launch_two_processes(*run, "training.batch_size=4", "training.output_dir=two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logged = [[row[key] for row in map(json.loads, open(path)) for key in ("loss", "rewards/margins")]
+              for path in (one / "metrics.jsonl", tmp_path / "two/metrics.jsonl")]
+    assert len(logged[1]) == 6 and logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-6)
+    # looser than SFT's 1e-6: lora_A's gradients are near Adam's eps while lora_B is still almost zero, so the two
+    # summation orders (one batch of 8, two of 4 averaged over gloo) differ by up to 1e-5 after 3 steps; lora_B
+    # moved about 7e-3 from zero in those steps, so 1e-4 still tells a synchronized run from a diverged one
+    one_adapter, two_adapter = (load_file(run / "adapter/adapter_model.safetensors") for run in (one, tmp_path / "two"))
+    assert two_adapter.keys() == one_adapter.keys()
+    for name, tensor in one_adapter.items():
+        torch.testing.assert_close(two_adapter[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("method, metrics", [("orpo", ("nll_loss", "log_odds_ratio")), ("kto", ("kl",))])
 def test_orpo_and_kto_train_with_their_own_metrics(tiny_config, method, metrics):
     config = tiny_config("+recipe=tiny_dpo", f"training.method={method}", "training.max_steps=3", *SHORT[:3],

@@ -119,10 +119,7 @@ def _preference_example(row: dict[str, Any], format: str) -> dict[str, Any]:
 
 def _implicit_pair(row: dict[str, Any]) -> dict[str, Any]:
     """Two whole conversations that share their first turns (the prompt) and differ in the answer."""
-    conversations = {}
-    for name in ("chosen", "rejected"):
-        conversations[name] = _messages(row, name)
-    pair = extract_prompt(conversations)
+    pair = extract_prompt({name: _messages(row, name) for name in ("chosen", "rejected")})
     if not pair["prompt"]:
         raise ValueError("chosen and rejected share no first turn: their common beginning is the prompt they answer")
     for name in ("chosen", "rejected"):
