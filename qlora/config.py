@@ -20,7 +20,16 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
-DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
+# supervised fine-tuning, or preference tuning with TRL's DPO, ORPO or KTO trainer
+TRAINING_METHODS = ("sft", "dpo", "orpo", "kto")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+PREFERENCE_FORMATS = ("preference", "implicit_preference", "unpaired_preference")
+DATA_FORMATS = ("auto", *SFT_FORMATS, *PREFERENCE_FORMATS)
+# the formats each method trains on; KTO also takes pairs (TRL unpairs them into a desirable and an undesirable row)
+METHOD_FORMATS = {"sft": SFT_FORMATS, "dpo": PREFERENCE_FORMATS[:2], "orpo": PREFERENCE_FORMATS[:2],
+                  "kto": PREFERENCE_FORMATS}
+
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -32,6 +41,11 @@ AUTO_BATCH_MEMORY_MARGIN = 0.10
 AUTO_BATCH_SIZE_START = 64
 
 
+def methods_for(data_format: str) -> list[str]:
+    """The training methods that train on data of `data_format`."""
+    return [method for method, formats in METHOD_FORMATS.items() if data_format in formats]
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = MISSING
@@ -40,6 +54,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
+    # an adapter to continue training instead of a new one: a run folder (its adapter/) or an adapter folder,
+    # e.g. an SFT run before DPO; its LoRA settings replace the lora group's
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -73,6 +90,9 @@ class ColumnNames:
     system: Optional[str] = None
     prompt: Optional[str] = None
     completion: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+    label: Optional[str] = None
     messages: Optional[str] = None
     conversations: Optional[str] = None
     text: Optional[str] = None
@@ -125,6 +145,10 @@ class EvalConfig:
 @dataclass
 class TrainingConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
+    # sft, or a preference method: dpo, orpo or kto (TRL's trainer of that name; data in a preference format)
+    method: str = "sft"
+    # the preference methods' beta: DPO's and KTO's KL weight against the reference, ORPO's odds-ratio weight
+    beta: float = 0.1
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
     # per device; "auto": the memory planner's largest batch that fits the GPU (AUTO_BATCH_SIZE_START on the CPU),
@@ -325,6 +349,14 @@ def with_default_recipe(overrides: list[str]) -> list[str]:
 def recipe_names() -> list[str]:
     """The shipped recipes, selected with recipe=NAME: the files in recipes/."""
     return sorted(path.stem for path in recipes_dir().glob("*.yaml"))
+
+
+def adapter_folder(path: str) -> Optional[Path]:
+    """model.adapter's folder: a run folder's adapter/, or the adapter folder itself; None if neither holds one."""
+    for folder in (Path(path).expanduser() / "adapter", Path(path).expanduser()):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
 
 
 def configs_dir() -> Path:

@@ -63,7 +63,7 @@ def trained_format(run: TrainConfig) -> str | None:
     if run.data.format != "auto" or run.data.path is None:
         return run.data.format if run.data.path is not None else None
     try:
-        return detect_format(load_rows(run.data.path, run.data.split).column_names)
+        return detect_format(load_rows(run.data.path, run.data.split).column_names, run.training.method)
     except (QLoRAError, OSError):
         return None  # the training data is gone: fall back to the tokenizer's chat template or raw text
 

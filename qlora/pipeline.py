@@ -1,8 +1,8 @@
 """The training run: the ordered stages over one config, each timed and logged.
 
     run folder (locked; a resumed run at its last step ends here) -> tokenizer -> data -> quantized model
-    -> k-bit preparation -> LoRA adapters -> held-out check -> SFTTrainer.train -> save adapter
-    -> held-out check -> summary
+    -> k-bit preparation -> LoRA adapters -> held-out check -> the method's trainer (SFT, DPO, ORPO, KTO).train
+    -> save adapter -> held-out check -> summary
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Iterator, Optional
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import PreTrainedTokenizerBase, TrainerState, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerState, set_seed
 
 from qlora.config import TrainConfig
-from qlora.data import prepare_sft_data
+from qlora.data import SFTData, prepare_training_data
+from qlora.data.preference import PreferenceData
 from qlora.errors import TrainingInterrupted
 from qlora.output import quiet_other_processes
 from qlora.stages.adapters import attach_training_adapters
@@ -35,7 +36,6 @@ from qlora.stages.artifacts import (
     save_trained_adapter,
 )
 from qlora.stages.checkpoints import (
-    AtomicCheckpointTrainer,
     checkpoint_step,
     find_resume_checkpoint,
     finished_at,
@@ -51,7 +51,15 @@ from qlora.stages.faults import (
     saved_skipped_steps,
     step_callbacks,
 )
-from qlora.stages.heldout import ExactMatch, HeldoutEvaluation, exact_match, heldout_examples
+from qlora.stages.heldout import (
+    ExactMatch,
+    HeldoutEvaluation,
+    PreferenceAccuracy,
+    exact_match,
+    heldout_examples,
+    heldout_pairs,
+    preference_accuracy,
+)
 from qlora.stages.memory import expected_training_peak
 from qlora.stages.model import (
     fit_embeddings_to_tokenizer,
@@ -81,6 +89,12 @@ class RunSummary:
     exact_match_after: Optional[float] = None
     steps: Optional[int] = None  # optimizer steps reached
     skipped_steps: int = 0  # of those, steps whose update was skipped for NaN/inf (training.on_nonfinite=skip)
+    # the preference methods' held-out check: share of pairs whose chosen answer is the more likely, and the mean
+    # log-probability margin chosen - rejected
+    preference_accuracy_before: Optional[float] = None
+    preference_accuracy_after: Optional[float] = None
+    preference_margin_before: Optional[float] = None
+    preference_margin_after: Optional[float] = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -124,8 +138,8 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
     with stage("tokenizer", seconds):
         tokenizer = load_tokenizer(config.model)
     with stage("data", seconds):
-        data = prepare_sft_data(config.data, tokenizer, config.training.seed)
-        heldout = _heldout_examples(config, data.formats)
+        data = prepare_training_data(config.data, tokenizer, config.training.seed, config.training.method)
+        heldout = _heldout_examples(config, data)
         if state.is_main_process:
             (run_dir / "data_stats.json").write_text(json.dumps(asdict(data.stats), indent=2) + "\n")
     with stage("quantized model", seconds):
@@ -145,8 +159,7 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
     before = None
     if heldout is not None:
         with stage("held-out check (before)", seconds):
-            before = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
-        _log_exact_match("before training", before)
+            before = _check_heldout(config, model, tokenizer, heldout, "before training")
     with stage("trainer", seconds):
         callbacks = [stop, guard]
         if heldout is not None and config.eval.during_training:
@@ -180,8 +193,8 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
     return summary
 
 
-def _end_of_run(config: TrainConfig, state: PartialState, trainer: AtomicCheckpointTrainer,
-                tokenizer: PreTrainedTokenizerBase, heldout: Optional[datasets.Dataset], before: Optional[ExactMatch],
+def _end_of_run(config: TrainConfig, state: PartialState, trainer: Trainer, tokenizer: PreTrainedTokenizerBase,
+                heldout: Optional[datasets.Dataset], before: ExactMatch | PreferenceAccuracy | None,
                 guard: NonFiniteGuard, seconds: dict[str, float]) -> RunSummary:
     """Save the adapter, check it on the held-out examples, and write the summary and the report."""
     run_dir = Path(config.training.output_dir).expanduser()
@@ -190,8 +203,7 @@ def _end_of_run(config: TrainConfig, state: PartialState, trainer: AtomicCheckpo
     after = None
     if heldout is not None:
         with stage("held-out check (after)", seconds):
-            after = exact_match(trainer.model, tokenizer, heldout, config.eval.max_new_tokens)
-        _log_exact_match("after training", after)
+            after = _check_heldout(config, trainer.model, tokenizer, heldout, "after training")
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = RunSummary(
@@ -199,11 +211,10 @@ def _end_of_run(config: TrainConfig, state: PartialState, trainer: AtomicCheckpo
         adapter_dir=str(adapter_dir),
         train_loss_first=losses[0] if losses else None,
         train_loss_last=losses[-1] if losses else None,
-        exact_match_before=before.accuracy if before else None,
-        exact_match_after=after.accuracy if after else None,
         steps=trainer.state.global_step,
         skipped_steps=len(guard.skipped_steps),
         stage_seconds=seconds,
+        **_heldout_scores(before, after),
     )
     if state.is_main_process:
         _write_summary_and_report(summary, run_dir)
@@ -291,20 +302,49 @@ def resume_command(run_dir: Path) -> str:
     return " ".join([launcher, *kept, f"training.output_dir={run_dir}", "training.resume=auto"])
 
 
-def _heldout_examples(config: TrainConfig, formats: list[str]) -> datasets.Dataset | None:
-    if uses_fsdp() and config.data.heldout_path is not None and config.eval.exact_match_samples:
+def _heldout_examples(config: TrainConfig, data: SFTData | PreferenceData) -> datasets.Dataset | None:
+    """The first eval.exact_match_samples rows of data.heldout_path: prompts with answers, or for a preference
+    method pairs; None (saying why) where they cannot be checked."""
+    path, samples = config.data.heldout_path, config.eval.exact_match_samples
+    if uses_fsdp() and path is not None and samples:
+        if isinstance(data, PreferenceData):  # its log-probabilities are not computed on a sharded model
+            log.info("held-out check skipped under FSDP; validation pairs (data.val_path) give the reward margin and "
+                     "accuracy every training.eval_steps instead")
+            return None
         # generate() runs the model's layers without FSDP's gathering of their weights; the saved adapter answers
         # in one process instead (qlora.evaluate)
         log.info("held-out check skipped under FSDP: the sharded model cannot generate. Score the saved adapter with "
-                 "python -m qlora.evaluate run=%s data.path=%s", config.training.output_dir, config.data.heldout_path)
+                 "python -m qlora.evaluate run=%s data.path=%s", config.training.output_dir, path)
         return None
-    return heldout_examples(config.data.heldout_path, config.eval.exact_match_samples, formats)
+    if isinstance(data, PreferenceData):
+        return heldout_pairs(path, samples, config.training.method)
+    return heldout_examples(path, samples, data.formats)
 
 
-def _log_exact_match(when: str, result: ExactMatch) -> None:
+def _check_heldout(config: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   heldout: datasets.Dataset, when: str) -> ExactMatch | PreferenceAccuracy:
+    """SFT: greedy answers scored by exact match; a preference method: how often the chosen answer is preferred."""
+    if config.training.method != "sft":
+        result = preference_accuracy(model, tokenizer, heldout)
+        log.info("held-out preference accuracy %s: %d/%d (%.0f%%), mean log-probability margin chosen - rejected "
+                 "%.3f", when, result.preferred, result.total, 100 * result.accuracy, result.mean_margin)
+        return result
+    result = exact_match(model, tokenizer, heldout, config.eval.max_new_tokens)
     log.info("held-out exact match %s: %d/%d (%.0f%%)", when, result.correct, result.total, 100 * result.accuracy)
     for _, expected, answer in result.samples:
         log.info("    expected %r, model said %r", expected, answer.strip())
+    return result
+
+
+def _heldout_scores(before: ExactMatch | PreferenceAccuracy | None,
+                    after: ExactMatch | PreferenceAccuracy | None) -> dict[str, Optional[float]]:
+    """The summary's fields of the held-out check that ran (none without a held-out set)."""
+    if before is None or after is None:
+        return {}
+    if isinstance(before, ExactMatch):
+        return {"exact_match_before": before.accuracy, "exact_match_after": after.accuracy}
+    return {"preference_accuracy_before": before.accuracy, "preference_accuracy_after": after.accuracy,
+            "preference_margin_before": before.mean_margin, "preference_margin_after": after.mean_margin}
 
 
 def _log_to_file(path: Path) -> None:

@@ -42,6 +42,15 @@ def trained_run(tmp_path_factory) -> tuple[TrainConfig, Path]:
     return config, run_dir
 
 
+@pytest.fixture(scope="session")
+def dpo_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The tiny DPO recipe run as the docs show it, shared by the tests that use a finished DPO run."""
+    folder = tmp_path_factory.mktemp("dpo")
+    result = run_cli("+recipe=tiny_dpo", "training.output_dir=run", cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, folder / "run"
+
+
 def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | None = None,
             env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m COMMAND ARGS` as a user types it, from `cwd`, with `input` as what they type next; `env`

@@ -37,8 +37,10 @@ NOT_RUN = {
         "an 8B benchmark for a GPU; its search by tests/test_performance.py::test_longest_context_doubles_then_"
         "bisects_to_the_step",
     "tensorboard --logdir outputs": "starts a web server",
+    "python -m qlora.train +recipe=llama7b_dpo 'model.adapter=outputs/llama7b/<date_time>' data.path=pairs.jsonl":
+        "continues a Llama-2-7B SFT run, which a CPU test machine cannot train",
 }
-GPU_RECIPES = ("llama7b", "llama3_8b", "mistral7b", "qwen2_5_7b")
+GPU_RECIPES = ("llama7b", "llama3_8b", "mistral7b", "qwen2_5_7b", "llama7b_dpo")
 # what the tiny runs here are cut to, so that every command runs in seconds
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -73,6 +75,7 @@ def workspace(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("docs")
     shutil.copy(ASSETS_DIR / "sentiment" / "train.jsonl", root / "my.jsonl")
+    shutil.copy(ASSETS_DIR / "sentiment_pairs" / "train.jsonl", root / "pairs.jsonl")
     for name in ("eval.jsonl", "prompts.jsonl"):
         shutil.copy(ASSETS_DIR / "sentiment" / "heldout.jsonl", root / name)
     (root / "models" / "llama2-7b-nf4").mkdir(parents=True)  # stands for `qlora.quantize`'s output

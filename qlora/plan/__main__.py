@@ -70,7 +70,7 @@ def render(plan: MemoryPlan, config: PlanConfig) -> str:
         f"load peak (quantized model + the largest full-precision tensor) {_gib(plan.load_peak)}",
         "load bound (quantized model + the largest shard) "
         + (_gib(plan.load_bound) if plan.load_bound is not None else "unknown: the checkpoint is not a local folder"),
-        f"training peak at batch {plan.batch_size} x {plan.seq_len} tokens, gradient checkpointing {checkpointing} "
+        f"training peak at batch {_batch(plan)} x {plan.seq_len} tokens, gradient checkpointing {checkpointing} "
         f"{_gib(plan.training_peak)}",
         f"  weights (unquantized ones in {_frozen_dtype(config)} after k-bit preparation) {_gib(plan.weights)}",
         f"  LoRA weights, gradients, optimizer states ({config.training.optim}) {_gib(plan.lora_and_optimizer)}",
@@ -80,6 +80,12 @@ def render(plan: MemoryPlan, config: PlanConfig) -> str:
         f"  logits and loss (TRL's fused head, in tiles) {_gib(plan.logits_loss)}",
         f"  workspace (dequantized weights, cuBLAS) {_gib(plan.workspace)}",
     ]
+    if plan.reference_pass:
+        # the peak counts this instead of activations + logits when it is larger
+        lines.append(f"  or in the reference's pass (adapter off), with the policy's kept activations "
+                     f"{_gib(plan.reference_pass)}")
+    if plan.reference_adapter:
+        lines.append(f"  + the reference's frozen copy of model.adapter {_gib(plan.reference_adapter)}")
     if plan.paged_optimizer:
         lines.append(f"  + paged optimizer states, in CUDA unified memory outside torch's allocator "
                      f"{_gib(plan.paged_optimizer)}")
@@ -96,6 +102,13 @@ def gpu_memory(value: str | None) -> tuple[int | None, str]:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
     return None, ""
+
+
+def _batch(plan: MemoryPlan) -> str:
+    """The micro-batch: N sequences, or for DPO and ORPO N pairs of a chosen and a rejected sequence."""
+    if plan.sequences_per_example == 2:
+        return f"{plan.batch_size} pairs (2 x {plan.batch_size} sequences)"
+    return str(plan.batch_size)
 
 
 def _frozen_dtype(config: PlanConfig) -> str:

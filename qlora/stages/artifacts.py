@@ -150,7 +150,8 @@ def save_adapter(
     final, partial = run_dir / "adapter", run_dir / "adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        model.save_pretrained(partial, state_dict=state_dict)
+        # only the trained adapter: not the frozen reference copy DPO and KTO keep of a continued one (model.adapter)
+        model.save_pretrained(partial, state_dict=state_dict, selected_adapters=[model.active_adapter])
         tokenizer.save_pretrained(partial)
     except WRITE_ERRORS as error:
         shutil.rmtree(partial, ignore_errors=True)

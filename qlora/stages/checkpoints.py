@@ -27,7 +27,7 @@ from transformers import TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import rotate_checkpoints
-from trl import SFTTrainer
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
 from qlora.config import TrainConfig, as_plain_dict
 from qlora.errors import QLoRAError
@@ -45,12 +45,11 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # different model or walk a different data order. Everything else (max_steps, lr, logging) may change.
 RESUME_KEYS = ("model.", "quantization.", "lora.", "data.path", "data.format", "data.max_length", "data.datasets",
                "data.columns", "data.split", "data.chat_template", "data.train_on_prompt",
-               "training.batch_size", "training.grad_accum", "training.seed")
+               "training.method", "training.batch_size", "training.grad_accum", "training.seed")
 
 
-class AtomicCheckpointTrainer(ShardedAdapterCheckpoints, SFTTrainer):
-    """SFTTrainer whose checkpoints are written atomically and carry the resolved config (and under FSDP, the
-    adapter gathered from the processes)."""
+class AtomicCheckpoints:
+    """Mixed in before a TRL trainer: its checkpoints are written atomically and carry the resolved config."""
 
     def __init__(self, *args: Any, qlora_config: TrainConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -111,6 +110,28 @@ def remove_if_empty(checkpoints_dir: Path) -> None:
     """transformers creates the checkpoints folder with the trainer: a run that saved none leaves no empty folder."""
     with contextlib.suppress(OSError):  # it holds checkpoints, or is gone
         checkpoints_dir.rmdir()
+
+
+# Each trainer below also gathers the adapter under FSDP (ShardedAdapterCheckpoints; nothing without FSDP)
+class AtomicCheckpointTrainer(AtomicCheckpoints, ShardedAdapterCheckpoints, SFTTrainer):
+    """SFTTrainer whose checkpoints are written atomically and carry the resolved config."""
+
+
+class AtomicDPOTrainer(AtomicCheckpoints, ShardedAdapterCheckpoints, DPOTrainer):
+    """DPOTrainer whose checkpoints are written atomically and carry the resolved config."""
+
+
+class AtomicKTOTrainer(AtomicCheckpoints, ShardedAdapterCheckpoints, KTOTrainer):
+    """KTOTrainer whose checkpoints are written atomically and carry the resolved config."""
+
+
+def atomic_trainer_class(method: str) -> type:
+    """The TRL trainer of training.method, with atomic checkpoints."""
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer  # TRL 1.16 keeps ORPO among its experimental trainers
+
+        return type("AtomicORPOTrainer", (AtomicCheckpoints, ShardedAdapterCheckpoints, ORPOTrainer), {})
+    return {"sft": AtomicCheckpointTrainer, "dpo": AtomicDPOTrainer, "kto": AtomicKTOTrainer}[method]
 
 
 def newest_checkpoint(checkpoints_dir: Path) -> Optional[Path]:

@@ -1,0 +1,201 @@
+"""Preference tuning (training.method=dpo|orpo|kto) on the tiny model: the reference without a second model, the
+tokens TRL trains on, the tiny DPO recipe learning its preference, exact resume, and merge/generate/evaluate."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import DPOTrainer, KTOTrainer
+
+from conftest import run_cli, run_with_fault
+from qlora.config import ASSETS_DIR, DatasetSource
+from qlora.data import prepare_training_data
+from qlora.data.load import load_formatted
+from qlora.data.preference import preference_sequences, tokenize_preference
+from qlora.pipeline import run_training
+from qlora.runs import load_adapted_model
+from qlora.stages.adapters import attach_training_adapters
+from qlora.stages.artifacts import adapter_tensor_names, prepare_run_dir, save_adapter
+from qlora.stages.heldout import answer_log_probs, preference_accuracy
+from qlora.stages.model import load_quantized_model, load_tokenizer, prepare_for_kbit_training
+from qlora.stages.trainer import build_trainer
+
+CPU = torch.device("cpu")
+PAIRS = ASSETS_DIR / "sentiment_pairs"
+# a few quick steps: no validation pairs, no held-out check
+SHORT = ("training.batch_size=4", "training.logging_steps=1", "data.val_path=null", "eval.exact_match_samples=0")
+
+
+def preference_trainer(config):
+    """training.method's trainer over the tiny model and data, built as the pipeline builds it."""
+    set_seed(config.training.seed)
+    tokenizer = load_tokenizer(config.model)
+    data = prepare_training_data(config.data, tokenizer, config.training.seed, config.training.method)
+    model = prepare_for_kbit_training(load_quantized_model(config.model, config.quantization, CPU), False)
+    model = attach_training_adapters(model, config)
+    return build_trainer(config, model, tokenizer, data.train, prepare_run_dir(config)), data, tokenizer
+
+
+def disturb_adapter(model, name="default"):
+    """Give the adapter's B a nonzero value, so that the policy differs from the base (peft starts B at zero)."""
+    torch.manual_seed(1)
+    for parameter_name, parameter in model.named_parameters():
+        if f"lora_B.{name}." in parameter_name:
+            parameter.data.normal_(0, 0.5)
+
+
+def reference_log_probs(trainer, rows):
+    """TRL's reference log-probabilities of the chosen and rejected answers of `rows`."""
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    return torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+
+
+def log_probs(model, tokenizer, rows):
+    """log p(chosen), then log p(rejected), of `rows` as qlora tokenizes them."""
+    sequences = [preference_sequences(row, tokenizer) for row in rows]
+    return torch.cat([answer_log_probs(model, [s[side] for s in sequences], tokenizer.pad_token_id)
+                      for side in ("chosen", "rejected")])
+
+
+def test_dpo_reference_is_the_4bit_base_with_the_adapter_switched_off(tiny_config):
+    trainer, data, tokenizer = preference_trainer(tiny_config("+recipe=tiny_dpo"))
+    assert isinstance(trainer, DPOTrainer) and trainer.ref_model is None  # no second model
+    assert list(trainer.model.peft_config) == ["default"]  # and no copy of the adapter
+    disturb_adapter(trainer.model)
+    rows = data.train.select(range(4))
+    reference = reference_log_probs(trainer, rows)
+    with trainer.model.disable_adapter():
+        base = log_probs(trainer.model, tokenizer, rows)
+    torch.testing.assert_close(reference, base, rtol=1e-5, atol=1e-4)
+    assert (log_probs(trainer.model, tokenizer, rows) - base).abs().max() > 0.1  # the policy itself has moved
+
+
+def test_a_continued_sft_adapter_is_its_own_reference_without_a_second_model(trained_run, tiny_config, tmp_path):
+    _, sft_run = trained_run
+    trainer, data, tokenizer = preference_trainer(tiny_config("+recipe=tiny_dpo", f"model.adapter={sft_run}"))
+    assert trainer.ref_model is None and sorted(trainer.model.peft_config) == ["default", "ref"]
+    rows = data.train.select(range(4))
+    sft_model, _, _ = load_adapted_model(str(sft_run), None, None)  # base + SFT adapter, loaded on its own
+    disturb_adapter(trainer.model, "default")  # as if DPO had trained it
+    reference = reference_log_probs(trainer, rows)
+    torch.testing.assert_close(reference, log_probs(sft_model, tokenizer, rows), rtol=1e-5, atol=1e-3)
+    with trainer.model.disable_adapter():
+        assert (reference - log_probs(trainer.model, tokenizer, rows)).abs().max() > 0.1  # not the bare base
+    # the run's adapter is the trained one alone, with the SFT adapter's tensors, not the frozen reference copy
+    saved = save_adapter(trainer.model, tokenizer, tmp_path)
+    assert not (saved / "ref").exists()
+    assert adapter_tensor_names(saved) == adapter_tensor_names(Path(sft_run) / "adapter")
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("dpo", []),
+    ("dpo", [f"data.path={ASSETS_DIR / 'examples' / 'implicit_preference.jsonl'}", "data.chat_template=chatml",
+             "data.val_path=null"]),
+    ("kto", []),
+])
+def test_trl_trains_on_the_tokens_qlora_counts_and_previews(tiny_config, method, extra):
+    trainer, data, tokenizer = preference_trainer(tiny_config("+recipe=tiny_dpo", f"training.method={method}", *extra))
+    assert isinstance(trainer, DPOTrainer if method == "dpo" else KTOTrainer)
+    for index in range(len(data.train) if extra else 8):
+        tokenized = trainer.train_dataset[index]
+        ours = tokenize_preference(data.train[index], tokenizer)
+        assert {name: tokenized[name] for name in ours} == ours
+
+
+def test_tiny_dpo_recipe_learns_the_preference_end_to_end(dpo_run):
+    result, run_dir = dpo_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # ~50% before (the untrained model prefers one label for every review), at least 90% after
+    assert 0.3 <= summary["preference_accuracy_before"] <= 0.7
+    assert summary["preference_accuracy_after"] >= 0.9
+    assert summary["preference_margin_after"] > summary["preference_margin_before"]
+    assert "held-out preference accuracy before training: " in result.stdout
+    assert "held-out preference accuracy after training: " in result.stdout
+    # the progress line shows the reward margin and accuracy; each validation shows them on the held-out pairs
+    assert "step 80/80  loss " in result.stdout and "  margin " in result.stdout and "  acc " in result.stdout
+    assert "step 80: eval loss " in result.stdout and ", margin " in result.stdout and ", acc " in result.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for row in rows if "loss" in row]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "tokens_per_s"):
+        assert name in trained[-1], name
+    evaluated = [row for row in rows if "eval_loss" in row]
+    assert [row["step"] for row in evaluated] == [20, 40, 60, 80]
+    assert evaluated[-1]["eval_rewards/margins"] > evaluated[0]["eval_rewards/margins"]
+    assert evaluated[-1]["eval_rewards/accuracies"] >= 0.9
+    report = (run_dir / "report.md").read_text()
+    assert "| held-out preference accuracy | " in report and "reward margin and accuracy" in report
+    assert (run_dir / "report.png").stat().st_size > 0
+    startup = json.loads((run_dir / "startup_summary.json").read_text())
+    assert startup["steps"] == 80 and startup["memory_after_first_step_gib"] > 0
+
+
+def test_merge_generate_and_evaluate_work_on_a_dpo_run(dpo_run, tmp_path):
+    _, run_dir = dpo_run
+    merged = run_cli(f"run={run_dir}", f"output_dir={tmp_path / 'merged'}", "dtype=float32", cwd=tmp_path,
+                     command="qlora.merge")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    # the merged checkpoint keeps the learnt preference on the held-out pairs
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    pairs = load_formatted(DatasetSource(path=str(PAIRS / "heldout.jsonl")), method="dpo").dataset
+    assert preference_accuracy(model, AutoTokenizer.from_pretrained(tmp_path / "merged"), pairs).accuracy >= 0.9
+    generated = run_cli(f"run={run_dir}", "prompt=the film was", "max_new_tokens=4", cwd=tmp_path,
+                        command="qlora.generate")
+    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr[-2000:]
+    evaluated = run_cli(f"run={run_dir}", f"data.path={ASSETS_DIR / 'sentiment' / 'heldout.jsonl'}",
+                        "max_new_tokens=2", cwd=tmp_path, command="qlora.evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["examples"] == 32 and report["eval_loss"] > 0
+
+
+def test_dpo_resumed_after_a_kill_ends_with_the_adapter_of_an_uninterrupted_run(tiny_config, tmp_path):
+    run = ("+recipe=tiny_dpo", "training.max_steps=5", "training.save_steps=2", *SHORT)
+    reference = Path(run_training(tiny_config(*run)).run_dir)
+    killed = run_with_fault("sigkill-in-save", 4, *run, "training.output_dir=killed", cwd=tmp_path)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_with_fault("none", 0, *run, "training.output_dir=killed", "training.resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-2" in resumed.stdout
+    expected = load_file(reference / "adapter/adapter_model.safetensors")
+    actual = load_file(tmp_path / "killed/adapter/adapter_model.safetensors")
+    assert expected.keys() == actual.keys() and all((expected[name] == actual[name]).all() for name in expected)
+    logged = [[(row["step"], row["loss"], row["rewards/margins"]) for row in map(json.loads, open(path))]
+              for path in (reference / "metrics.jsonl", tmp_path / "killed/metrics.jsonl")]
+    assert logged[0] == logged[1] and len(logged[0]) == 5
+
+
+def test_two_processes_under_accelerate_train_dpo_as_one_process_does(tiny_config, tmp_path):
+    from test_processes import launch_two_processes
+
+    run = ("+recipe=tiny_dpo", "training.max_steps=3", *SHORT[1:])
+    one = Path(run_training(tiny_config(*run, "training.batch_size=8")).run_dir)
+    two = launch_two_processes(*run, "training.batch_size=4", "training.output_dir=two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logged = [[row[key] for row in map(json.loads, open(path)) for key in ("loss", "rewards/margins")]
+              for path in (one / "metrics.jsonl", tmp_path / "two/metrics.jsonl")]
+    assert len(logged[1]) == 6 and logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-6)
+    # looser than SFT's 1e-6: lora_A's gradients are near Adam's eps while lora_B is still almost zero, so the two
+    # summation orders (one batch of 8, two of 4 averaged over gloo) differ by up to 1e-5 after 3 steps; lora_B
+    # moved about 7e-3 from zero in those steps, so 1e-4 still tells a synchronized run from a diverged one
+    one_adapter, two_adapter = (load_file(run / "adapter/adapter_model.safetensors") for run in (one, tmp_path / "two"))
+    assert two_adapter.keys() == one_adapter.keys()
+    for name, tensor in one_adapter.items():
+        torch.testing.assert_close(two_adapter[name], tensor, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("method, metrics", [("orpo", ("nll_loss", "log_odds_ratio")), ("kto", ("kl",))])
+def test_orpo_and_kto_train_with_their_own_metrics(tiny_config, method, metrics):
+    config = tiny_config("+recipe=tiny_dpo", f"training.method={method}", "training.max_steps=3", *SHORT[:3],
+                         "eval.exact_match_samples=8")
+    summary = run_training(config)
+    rows = [json.loads(line) for line in open(Path(summary.run_dir) / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for name in metrics:
+        assert all(name in row for row in rows), name
+    # KTO logs a side's rewards only for steps whose batch had completions of that side
+    for name in ("rewards/chosen", "rewards/rejected"):
+        assert any(name in row for row in rows), name
+    assert summary.preference_accuracy_after is not None and adapter_tensor_names(Path(summary.adapter_dir))
