@@ -82,14 +82,14 @@ def test_data_of_another_method_is_refused_with_the_fix(columns, method, fix):
      "chosen and rejected share no first turn"),
     ("unpaired_preference", {"prompt": "p", "completion": "a", "label": "yes"}, "field 'label' must be true"),
 ])
-def test_malformed_rows_name_the_file_row_and_reason(tmp_path, format, row, reason):
+def test_malformed_rows_name_the_file_line_and_reason(tmp_path, format, row, reason):
     good = {"preference": {"prompt": "p", "chosen": "a", "rejected": "b"},
             "implicit_preference": {"chosen": [USER, answer("a")], "rejected": [USER, answer("b")]},
             "unpaired_preference": {"prompt": "p", "completion": "a", "label": True}}[format]
     path = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
     with pytest.raises(QLoRAError) as error:
         load_formatted(DatasetSource(path=path, format=format), method="kto")
-    assert f"{path}, row 1: {reason}" in str(error.value) and "data.on_error=skip" in str(error.value)
+    assert f"{path}, line 2: {reason}" in str(error.value) and "data.on_error=skip" in str(error.value)
 
 
 @pytest.mark.parametrize("chat", [False, True])
