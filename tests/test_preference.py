@@ -78,7 +78,7 @@ def test_a_continued_sft_adapter_is_its_own_reference_without_a_second_model(tra
     trainer, data, tokenizer = preference_trainer(tiny_config("+recipe=tiny_dpo", f"model.adapter={sft_run}"))
     assert trainer.ref_model is None and sorted(trainer.model.peft_config) == ["default", "ref"]
     rows = data.train.select(range(4))
-    sft_model, _, _ = load_adapted_model(str(sft_run), None, None)  # base + SFT adapter, loaded on its own
+    sft_model, _, _ = load_adapted_model(str(sft_run), None, None, trust_remote_code=False)  # base + SFT adapter alone
     disturb_adapter(trainer.model, "default")  # as if DPO had trained it
     reference = reference_log_probs(trainer, rows)
     torch.testing.assert_close(reference, log_probs(sft_model, tokenizer, rows), rtol=1e-5, atol=1e-3)
