@@ -141,9 +141,17 @@ def test_merge_generate_and_evaluate_work_on_a_dpo_run(dpo_run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     pairs = load_formatted(DatasetSource(path=str(PAIRS / "heldout.jsonl")), method="dpo").dataset
     assert preference_accuracy(model, AutoTokenizer.from_pretrained(tmp_path / "merged"), pairs).accuracy >= 0.9
-    generated = run_cli(f"run={run_dir}", "prompt=the film was", "max_new_tokens=4", cwd=tmp_path,
-                        command="qlora.generate")
-    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr[-2000:]
+    # the held-out reviews as the pairs' prompts (alpaca): greedy answers name the preferred label, never the other
+    # (a bare prompt such as "the film was" is answered with the end of text at once: DPO trained answers only)
+    reviews = ASSETS_DIR / "sentiment" / "heldout.jsonl"
+    generated = run_cli(f"run={run_dir}", f"input_file={reviews}", f"output_file={tmp_path / 'answers.jsonl'}",
+                        "max_new_tokens=2", cwd=tmp_path, command="qlora.generate")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    named = [next((label for label in ("positive", "negative") if row["generated"].strip().startswith(label)), None)
+             for row in rows]
+    assert len(rows) == 32 and sum(label == row["output"] for label, row in zip(named, rows)) >= 16
+    assert all(label in (None, row["output"]) for label, row in zip(named, rows))
     evaluated = run_cli(f"run={run_dir}", f"data.path={ASSETS_DIR / 'sentiment' / 'heldout.jsonl'}",
                         "max_new_tokens=2", cwd=tmp_path, command="qlora.evaluate")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
