@@ -2,6 +2,7 @@
 tokens TRL trains on, the tiny DPO recipe learning its preference, exact resume, and merge/generate/evaluate."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -175,23 +176,48 @@ def test_dpo_resumed_after_a_kill_ends_with_the_adapter_of_an_uninterrupted_run(
     assert logged[0] == logged[1] and len(logged[0]) == 5
 
 
-def test_two_processes_under_accelerate_train_dpo_as_one_process_does(tiny_config, tmp_path):
-    from test_processes import launch_two_processes
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_under_accelerate_train_dpo_as_one_process_does(tiny_config, tmp_path, fsdp):
+    from test_processes import failure, launch_two_processes
 
-    run = ("+recipe=tiny_dpo", "training.max_steps=3", *SHORT[1:])
+    # FSDP-QLoRA (torch's FSDP on the CPU) stores the 4-bit weights in a dtype it can shard, and gathers the adapter
+    # from both processes at every checkpoint as at the end
+    extra = ("quantization.quant_storage=float32", "training.save_steps=2") if fsdp else ()
+    run = ("+recipe=tiny_dpo", "training.max_steps=3", *SHORT[1:], *extra)
     one = Path(run_training(tiny_config(*run, "training.batch_size=8")).run_dir)
-    two = launch_two_processes(*run, "training.batch_size=4", "training.output_dir=two", cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = launch_two_processes(*run, "training.batch_size=4", "training.output_dir=two", cwd=tmp_path, fsdp=fsdp)
+    assert two.returncode == 0, failure(two)
     logged = [[row[key] for row in map(json.loads, open(path)) for key in ("loss", "rewards/margins")]
               for path in (one / "metrics.jsonl", tmp_path / "two/metrics.jsonl")]
     assert len(logged[1]) == 6 and logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-6)
     # looser than SFT's 1e-6: lora_A's gradients are near Adam's eps while lora_B is still almost zero, so the two
-    # summation orders (one batch of 8, two of 4 averaged over gloo) differ by up to 1e-5 after 3 steps; lora_B
-    # moved about 7e-3 from zero in those steps, so 1e-4 still tells a synchronized run from a diverged one
+    # summation orders (one batch of 8, two of 4 averaged over gloo) differ by up to 1e-5 after 3 steps, 2e-4 under
+    # FSDP (its gradients reduced shard by shard, its clipping norm summed over shards); lora_B moved about 7e-3
+    # from zero in those steps, so the tolerance still tells a synchronized run from a diverged one
     one_adapter, two_adapter = (load_file(run / "adapter/adapter_model.safetensors") for run in (one, tmp_path / "two"))
     assert two_adapter.keys() == one_adapter.keys()
     for name, tensor in one_adapter.items():
-        torch.testing.assert_close(two_adapter[name], tensor, rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(two_adapter[name], tensor, rtol=0, atol=1e-3 if fsdp else 1e-4, msg=name)
+    if fsdp:
+        assert set(adapter_tensor_names(tmp_path / "two/checkpoints/checkpoint-2")) == one_adapter.keys()
+
+
+def test_a_dpo_step_with_nan_loss_is_skipped_and_counted_as_sft_steps_are(tiny_config, monkeypatch):
+    compute_loss = DPOTrainer.compute_loss
+
+    def nan_at_step_2(self, *args, **kwargs):
+        loss = compute_loss(self, *args, **kwargs)
+        return loss * math.nan if self.state.global_step + 1 == 2 else loss
+
+    monkeypatch.setattr(DPOTrainer, "compute_loss", nan_at_step_2)
+    summary = run_training(tiny_config("+recipe=tiny_dpo", "training.max_steps=3", *SHORT,
+                                       "training.on_nonfinite=skip", "training.max_skipped_fraction=0.5"))
+    run_dir = Path(summary.run_dir)
+    assert summary.skipped_steps == 1 and summary.steps == 3
+    assert "step 2: NaN/inf loss or gradients; skipped" in (run_dir / "train.log").read_text()
+    adapter = load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in adapter.values())
+    assert "| skipped steps (NaN/inf) | 1 of 3 |" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("method, metrics", [("orpo", ("nll_loss", "log_odds_ratio")), ("kto", ("kl",))])
