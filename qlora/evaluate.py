@@ -27,7 +27,7 @@ from qlora.data import prepare_sft_data
 from qlora.data.load import load_formatted
 from qlora.errors import QLoRAError
 from qlora.output import quiet_trainer
-from qlora.runs import adapter_folder, load_adapted_model, load_run_config
+from qlora.runs import checked_adapter_dir, load_adapted_model, load_run_config
 from qlora.stages.heldout import generate_answers, score_answers
 
 log = logging.getLogger("qlora")
@@ -44,7 +44,7 @@ class EvaluationData:
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    adapter_dir = adapter_folder(config.run, config.adapter)  # fail early on a bad run=
+    adapter_dir = checked_adapter_dir(config.run, config.adapter)  # fail early on a bad run=
     source = evaluation_data(config)
     model, tokenizer, _ = load_adapted_model(config.run, config.adapter, config.base,
                                              trust_remote_code=config.trust_remote_code)

@@ -37,7 +37,7 @@ def find_adapter(run: Optional[str], adapter: Optional[str], base: Optional[str]
     The base model runs code shipped with it only when this command's own trust_remote_code=true says so: a run
     folder's config.yaml may have been written by someone else, so its model.trust_remote_code is never honoured.
     """
-    adapter_dir = adapter_folder(run, adapter)
+    adapter_dir = checked_adapter_dir(run, adapter)
     base_model = _base_model(run, adapter_dir, base)
     if base_model.trust_remote_code and not trust_remote_code:
         log.warning("%s sets model.trust_remote_code=true; ignored: remote code runs only when this command is "
@@ -47,7 +47,7 @@ def find_adapter(run: Optional[str], adapter: Optional[str], base: Optional[str]
     return adapter_dir, base_model
 
 
-def adapter_folder(run: Optional[str], adapter: Optional[str]) -> Path:
+def checked_adapter_dir(run: Optional[str], adapter: Optional[str]) -> Path:
     """The folder of the adapter that run= or adapter= names; an error when it holds none."""
     if run is None and adapter is None:
         raise QLoRAError("no adapter given: pass run=outputs/<run> (a training run folder) or adapter=PATH.")
