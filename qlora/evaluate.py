@@ -109,6 +109,11 @@ def evaluation_data(config: EvaluateConfig) -> EvaluationData:
     if run is None:
         raise QLoRAError("nothing to evaluate on: set data.path=eval.jsonl (any format training accepts), or pass "
                          "run= of a run with a validation set or held-out file.")
+    if run.training.method != "sft":  # its validation and held-out files hold pairs: no loss of one answer
+        raise QLoRAError(f"nothing to evaluate on: run={config.run} was trained with training.method="
+                         f"{run.training.method}, and its validation and held-out pairs are scored by the run itself "
+                         f"(reward margin and accuracy in metrics.jsonl, preference accuracy in summary.json); set "
+                         f"data.path=eval.jsonl (prompts with answers, any format SFT training accepts).")
     # the run's own tokenization settings (max_length, chat template, train_on_prompt), one file in its own format
     own_file = replace(run.data, format="auto", datasets=[], val_path=None, val_size=0.0)
     if run.data.val_path is not None:

@@ -12,10 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOTrainer, KTOTrainer
 
 from conftest import run_cli, run_with_fault
-from qlora.config import ASSETS_DIR, DatasetSource
+from qlora.config import ASSETS_DIR, DatasetSource, EvaluateConfig
 from qlora.data import prepare_training_data
 from qlora.data.load import load_formatted
 from qlora.data.preference import preference_sequences, tokenize_preference
+from qlora.errors import QLoRAError
+from qlora.evaluate import evaluate
 from qlora.pipeline import run_training
 from qlora.runs import load_adapted_model
 from qlora.stages.adapters import attach_training_adapters
@@ -158,6 +160,12 @@ def test_merge_generate_and_evaluate_work_on_a_dpo_run(dpo_run, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["examples"] == 32 and report["eval_loss"] > 0
+
+
+def test_evaluate_without_data_path_asks_a_dpo_run_for_prompts_with_answers(dpo_run):
+    _, run_dir = dpo_run
+    with pytest.raises(QLoRAError, match=r"training.method=dpo, and its validation and held-out pairs .*data.path="):
+        evaluate(EvaluateConfig(run=str(run_dir)))
 
 
 def test_dpo_resumed_after_a_kill_ends_with_the_adapter_of_an_uninterrupted_run(tiny_config, tmp_path):
