@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import DPOTrainer, KTOTrainer
 
-from conftest import run_cli, run_with_fault
+from conftest import library_noise, run_cli, run_with_fault
 from qlora.config import ASSETS_DIR, DatasetSource, EvaluateConfig
 from qlora.data import prepare_training_data
 from qlora.data.load import load_formatted
@@ -120,6 +120,11 @@ def test_tiny_dpo_recipe_learns_the_preference_end_to_end(dpo_run):
     # the progress line shows the reward margin and accuracy; each validation shows them on the held-out pairs
     assert "step 80/80  loss " in result.stdout and "  margin " in result.stdout and "  acc " in result.stdout
     assert "step 80: eval loss " in result.stdout and ", margin " in result.stdout and ", acc " in result.stdout
+    # the pairs' statistics once each, named as SFT data's are; the library's bars and notices kept out
+    pairs = PAIRS / "train.jsonl"
+    assert result.stdout.count(f"training data: {pairs} (preference): 512 examples from 512 rows") == 1
+    assert result.stdout.count(f"validation data: {PAIRS / 'heldout.jsonl'} (preference): 32 examples") == 1
+    assert result.stdout.count("512 examples from 512 rows") == 1 and not library_noise(result)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [row for row in rows if "loss" in row]
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "tokens_per_s"):

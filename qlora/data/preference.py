@@ -48,7 +48,7 @@ def prepare_preference_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase
     neighbour's prompt).
     """
     with PartialState().main_process_first():
-        parts = [_checked_rows(source, data, tokenizer, method) for source in data_sources(data)]
+        parts = [_checked_rows(source, data, tokenizer, method, "training") for source in data_sources(data)]
         train = datasets.concatenate_datasets([rows for rows, _, _ in parts])
         stats = _sum_stats([(part_stats, lengths) for _, part_stats, lengths in parts])
         if len(parts) > 1 or method == "kto":
@@ -56,14 +56,15 @@ def prepare_preference_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase
         validation = validation_stats = None
         if data.val_path is not None:
             validation, validation_stats, _ = _checked_rows(DatasetSource(path=data.val_path, columns=data.columns),
-                                                            data, tokenizer, method)
+                                                            data, tokenizer, method, "validation")
         elif data.val_size:
             size = data.val_size if data.val_size < 1 else int(data.val_size)
             split = train.train_test_split(test_size=size, seed=seed)
             train, validation = split["train"], split["test"]
-    log.info("training data: %s", stats.describe())
-    if validation is not None:
-        log.info("validation data: %d examples", len(validation))
+    if len(parts) > 1:  # each source's line is above
+        log.info("training data, all %d datasets: %s", len(parts), stats.describe())
+    if data.val_size:  # a validation file's line is above
+        log.info("validation data: %d examples split off", len(validation))
     return PreferenceData(train, validation, stats, validation_stats)
 
 
@@ -99,10 +100,11 @@ def describe_answer(name: str, example: dict) -> str:
     return "desirable" if example["label"] else "undesirable"
 
 
-def _checked_rows(source: DatasetSource, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                  method: str) -> tuple[datasets.Dataset, DataStats, np.ndarray]:
+def _checked_rows(source: DatasetSource, data: DataConfig, tokenizer: PreTrainedTokenizerBase, method: str,
+                  purpose: str) -> tuple[datasets.Dataset, DataStats, np.ndarray]:
     """The source's rows in TRL's shape, those too long for data.max_length dropped or counted as truncated, the
-    counts, and each kept row's length in tokens (its longest sequence)."""
+    counts (logged as `purpose`'s: training, validation), and each kept row's length in tokens (its longest
+    sequence)."""
     rows = load_formatted(source, data.on_error, data.num_proc, method)
     dataset = rows.dataset
     if isinstance(dataset[0]["prompt"], list):
@@ -126,7 +128,7 @@ def _checked_rows(source: DatasetSource, data: DataConfig, tokenizer: PreTrained
         trained_tokens=int(sum(kept["qlora_trained"])),
         length_percentiles=_percentiles(lengths),
     )
-    log.info("%s (%s): %s", source.path, rows.format, stats.describe())
+    log.info("%s data: %s (%s): %s", purpose, source.path, rows.format, stats.describe())
     return kept.remove_columns(["qlora_status", "qlora_tokens", "qlora_trained", "qlora_length"]), stats, lengths
 
 
