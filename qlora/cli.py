@@ -37,7 +37,8 @@ COMMANDS = {
         ("recipe=llama7b", "data.path=my.jsonl", "model.name_or_path=meta-llama/Llama-2-7b-hf",
          "training.max_steps=500", "training.lr=1e-4", "training.output_dir=outputs/run1", "lora.r=8",
          "quantization=int8", "training.resume=auto"),
-        recipes="every recipe but tiny needs the Hugging Face Hub, or model.name_or_path=a local model folder"),
+        recipes="every recipe but tiny and tiny_dpo needs the Hugging Face Hub, or model.name_or_path=a local "
+                "model folder"),
     "plan": Command(
         "Plan the GPU memory of a training config before loading anything: the same recipes and keys as train.",
         ("recipe=llama7b", "training.batch_size=8", "data.max_length=4096", "lora.r=64", "plan.gpu_memory=24GiB"),
