@@ -6,6 +6,7 @@ Apart from qlora.config so that the schema does not import its own validation (w
 from __future__ import annotations
 
 from qlora.config import TrainConfig, configs_dir, register_configs, typed_config, with_default_recipe
+from qlora.overrides import checked_overrides
 from qlora.validation import validate
 
 
@@ -15,7 +16,7 @@ def compose_config(overrides: list[str]) -> TrainConfig:
 
     register_configs()
     with initialize_config_dir(str(configs_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=with_default_recipe(overrides))
+        cfg = compose("train", overrides=with_default_recipe(checked_overrides("train", overrides, recipes=True)))
     config = typed_config(cfg)
     validate(config)
     return config

@@ -20,7 +20,16 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 QUANT_METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = ("bfloat16", "float16", "float32")
-DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text")
+# supervised fine-tuning, or preference tuning with TRL's DPO, ORPO or KTO trainer
+TRAINING_METHODS = ("sft", "dpo", "orpo", "kto")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+PREFERENCE_FORMATS = ("preference", "implicit_preference", "unpaired_preference")
+DATA_FORMATS = ("auto", *SFT_FORMATS, *PREFERENCE_FORMATS)
+# the formats each method trains on; KTO also takes pairs (TRL unpairs them into a desirable and an undesirable row)
+METHOD_FORMATS = {"sft": SFT_FORMATS, "dpo": PREFERENCE_FORMATS[:2], "orpo": PREFERENCE_FORMATS[:2],
+                  "kto": PREFERENCE_FORMATS}
+
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -32,6 +41,11 @@ AUTO_BATCH_MEMORY_MARGIN = 0.10
 AUTO_BATCH_SIZE_START = 64
 
 
+def methods_for(data_format: str) -> list[str]:
+    """The training methods that train on data of `data_format`."""
+    return [method for method, formats in METHOD_FORMATS.items() if data_format in formats]
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = MISSING
@@ -40,6 +54,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
+    # an adapter to continue training instead of a new one: a run folder (its adapter/) or an adapter folder,
+    # e.g. an SFT run before DPO; its LoRA settings replace the lora group's
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -73,6 +90,9 @@ class ColumnNames:
     system: Optional[str] = None
     prompt: Optional[str] = None
     completion: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+    label: Optional[str] = None
     messages: Optional[str] = None
     conversations: Optional[str] = None
     text: Optional[str] = None
@@ -125,6 +145,10 @@ class EvalConfig:
 @dataclass
 class TrainingConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
+    # sft, or a preference method: dpo, orpo or kto (TRL's trainer of that name; data in a preference format)
+    method: str = "sft"
+    # the preference methods' beta: DPO's and KTO's KL weight against the reference, ORPO's odds-ratio weight
+    beta: float = 0.1
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
     # per device; "auto": the memory planner's largest batch that fits the GPU (AUTO_BATCH_SIZE_START on the CPU),
@@ -152,6 +176,8 @@ class TrainingConfig:
     resume: Optional[str] = None
     # a step whose loss or gradients are NaN/inf: stop with an error, or skip the optimizer update
     on_nonfinite: str = "stop"
+    # with on_nonfinite=skip: the run fails once more than this share of its steps were skipped (it is not learning)
+    max_skipped_fraction: float = 0.1
     # where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (one name or a list); none for nowhere
     report_to: Any = field(default_factory=lambda: ["tensorboard"])
 
@@ -243,6 +269,7 @@ class MergeConfig:
     dtype: str = "bfloat16"
     from_dequantized: bool = False  # merge into the dequantized 4-bit weights the adapter was trained on
     max_shard_size: str = "5GB"
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 @dataclass
@@ -266,6 +293,7 @@ class GenerateConfig:
     stream: bool = True
     batch_size: int = 8
     seed: int = 42
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
 
 
 @dataclass
@@ -282,6 +310,12 @@ class EvaluateConfig:
     max_new_tokens: int = 64
     regex: Optional[str] = None  # an answer is right when this pattern's match (group 1 if any) equals the reference
     output_file: Optional[str] = None  # default: eval.json in the run folder (or beside the adapter)
+    trust_remote_code: bool = False  # run the base model's own code; a run's config.yaml never turns this on
+
+
+# Each command's schema, by the name of its primary config (configs/<name>.yaml) and command (python -m qlora.<name>)
+COMMAND_SCHEMAS: dict[str, type] = {"train": TrainConfig, "plan": PlanConfig, "quantize": QuantizeConfig,
+                                    "merge": MergeConfig, "generate": GenerateConfig, "evaluate": EvaluateConfig}
 
 
 def report_destinations(training: TrainingConfig) -> list[str]:
@@ -313,6 +347,19 @@ def with_default_recipe(overrides: list[str]) -> list[str]:
     if any(arg.lstrip("+~").startswith("recipe=") for arg in overrides):
         return list(overrides)
     return [*overrides, f"+recipe={DEFAULT_RECIPE}"]
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes, selected with recipe=NAME: the files in recipes/."""
+    return sorted(path.stem for path in recipes_dir().glob("*.yaml"))
+
+
+def adapter_folder(path: str) -> Optional[Path]:
+    """model.adapter's folder: a run folder's adapter/, or the adapter folder itself; None if neither holds one."""
+    for folder in (Path(path).expanduser() / "adapter", Path(path).expanduser()):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
 
 
 def configs_dir() -> Path:
@@ -349,7 +396,7 @@ def as_plain_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, e.g. 'lora.r' (for docs and tests)."""
+    """Every dotted key of a dataclass instance, e.g. 'lora.r'."""
     keys = []
     for f in fields(node):
         value = getattr(node, f.name)
@@ -357,5 +404,6 @@ def _dataclass_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def schema_keys() -> list[str]:
-    return _dataclass_keys(TrainConfig())
+def schema_keys(schema: type = TrainConfig) -> list[str]:
+    """Every dotted key of a command's schema (training's by default), e.g. 'lora.r'."""
+    return _dataclass_keys(schema())

@@ -26,7 +26,8 @@ from qlora.config import ColumnNames, DataConfig, DatasetSource, EvaluateConfig,
 from qlora.data import prepare_sft_data
 from qlora.data.load import load_formatted
 from qlora.errors import QLoRAError
-from qlora.runs import find_adapter, load_adapted_model, load_run_config
+from qlora.output import quiet_trainer
+from qlora.runs import checked_adapter_dir, load_adapted_model, load_run_config
 from qlora.stages.heldout import generate_answers, score_answers
 
 log = logging.getLogger("qlora")
@@ -43,9 +44,10 @@ class EvaluationData:
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    adapter_dir, _ = find_adapter(config.run, config.adapter, config.base)  # fail early on a bad run=
+    adapter_dir = checked_adapter_dir(config.run, config.adapter)  # fail early on a bad run=
     source = evaluation_data(config)
-    model, tokenizer, _ = load_adapted_model(config.run, config.adapter, config.base)
+    model, tokenizer, _ = load_adapted_model(config.run, config.adapter, config.base,
+                                             trust_remote_code=config.trust_remote_code)
     dataset, rows = _examples_and_rows(source, tokenizer, config.max_samples)
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -55,6 +57,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         # TRL insists on a train_dataset even to evaluate; the same rows are tokenized once (datasets' cache)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
                              processing_class=tokenizer)
+        quiet_trainer(trainer)
         loss = trainer.evaluate()["eval_loss"]
     results: dict[str, Any] = {"data": source.described, "examples": len(dataset), "eval_loss": loss,
                                "perplexity": math.exp(loss)}
@@ -85,7 +88,7 @@ def _examples_and_rows(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The tokenized examples, and the rows they came from (none for the run's split: it keeps no prompts)."""
     # tokenized and masked by the same code as training (the adapter's tokenizer keeps its chat template)
-    prepared = prepare_sft_data(source.data, tokenizer, seed=source.seed)
+    prepared = prepare_sft_data(source.data, tokenizer, seed=source.seed, purpose="evaluation")
     if source.validation_split:
         examples, rows = prepared.validation, None
     else:
@@ -106,6 +109,11 @@ def evaluation_data(config: EvaluateConfig) -> EvaluationData:
     if run is None:
         raise QLoRAError("nothing to evaluate on: set data.path=eval.jsonl (any format training accepts), or pass "
                          "run= of a run with a validation set or held-out file.")
+    if run.training.method != "sft":  # its validation and held-out files hold pairs: no loss of one answer
+        raise QLoRAError(f"nothing to evaluate on: run={config.run} was trained with training.method="
+                         f"{run.training.method}, and its validation and held-out pairs are scored by the run itself "
+                         f"(reward margin and accuracy in metrics.jsonl, preference accuracy in summary.json); set "
+                         f"data.path=eval.jsonl (prompts with answers, any format SFT training accepts).")
     # the run's own tokenization settings (max_length, chat template, train_on_prompt), one file in its own format
     own_file = replace(run.data, format="auto", datasets=[], val_path=None, val_size=0.0)
     if run.data.val_path is not None:

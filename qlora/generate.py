@@ -47,7 +47,8 @@ def generate(config: GenerateConfig) -> list[str]:
 
 def load_model(config: GenerateConfig) -> tuple[PeftModel, PreTrainedTokenizerBase, str]:
     """The adapted model, its tokenizer, and the template that wraps prompts."""
-    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base)
+    model, tokenizer, run = load_adapted_model(config.run, config.adapter, config.base,
+                                               trust_remote_code=config.trust_remote_code)
     template = config.template
     if template == "auto":
         template = "alpaca" if run and trained_format(run) == "alpaca" else "chat" if tokenizer.chat_template else "raw"
@@ -62,7 +63,7 @@ def trained_format(run: TrainConfig) -> str | None:
     if run.data.format != "auto" or run.data.path is None:
         return run.data.format if run.data.path is not None else None
     try:
-        return detect_format(load_rows(run.data.path, run.data.split).column_names)
+        return detect_format(load_rows(run.data.path, run.data.split).column_names, run.training.method)
     except (QLoRAError, OSError):
         return None  # the training data is gone: fall back to the tokenizer's chat template or raw text
 

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from qlora.cli import run_hydra_command
 from qlora.config import MergeConfig, ModelConfig, TrainConfig, typed_config
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access, why_not_loaded
 from qlora.runs import find_adapter, load_run_config
 
 log = logging.getLogger("qlora")
@@ -40,7 +41,8 @@ class MergeResult:
 
 
 def merge(config: MergeConfig) -> MergeResult:
-    adapter_dir, base = find_adapter(config.run, config.adapter, config.base)
+    adapter_dir, base = find_adapter(config.run, config.adapter, config.base,
+                                     trust_remote_code=config.trust_remote_code)
     output = Path(config.output_dir or Path(config.run or adapter_dir.parent) / "merged").expanduser()
     if output.exists():
         raise QLoRAError(f"output_dir={output} already exists; refusing to write over it. Choose another output_dir.")
@@ -56,6 +58,7 @@ def merge(config: MergeConfig) -> MergeResult:
     elif plain_lora_scale(adapter_dir) is not None:
         merge_shard_by_shard(checkpoint_folder(base), adapter_dir, dtype, partial)
     else:  # DoRA, modules_to_save or per-module ranks: let peft merge, with the whole model in memory
+        prepare_hub_access(base.name_or_path)
         model = AutoModelForCausalLM.from_pretrained(base.name_or_path, revision=base.revision, dtype=dtype,
                                                      trust_remote_code=base.trust_remote_code)
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
@@ -126,7 +129,13 @@ def checkpoint_folder(base: ModelConfig) -> Path:
         return folder
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base.name_or_path, revision=base.revision, allow_patterns=["*.safetensors", "*.json"]))
+    prepare_hub_access(base.name_or_path)
+    try:
+        return Path(snapshot_download(base.name_or_path, revision=base.revision,
+                                      allow_patterns=["*.safetensors", "*.json"]))
+    except OSError as error:  # huggingface_hub's errors for a missing, gated or unreachable repository
+        raise QLoRAError(f"could not load the base model {base.name_or_path}: "
+                         f"{why_not_loaded(base.name_or_path, error)}") from error
 
 
 def _merge_into_dequantized(base: ModelConfig, adapter_dir: Path, run: TrainConfig, dtype: torch.dtype,

@@ -22,7 +22,7 @@ log = logging.getLogger("qlora")
 
 def quantize(config: QuantizeConfig) -> Path:
     """Load config.model quantized per config.quantization and save it to config.output_dir."""
-    from qlora.stages.model import describe_quantization, load_quantized_model, load_tokenizer
+    from qlora.stages.model import describe_quantization, load_quantized_model, load_tokenizer, warn_about_remote_code
 
     validate_model(config.model)
     validate_quantization(config.quantization)
@@ -32,6 +32,7 @@ def quantize(config: QuantizeConfig) -> Path:
     if output.exists():
         raise QLoRAError(f"output_dir={output} already exists; refusing to write over it. Choose another output_dir.")
     device = PartialState().device  # this process's GPU, or the CPU, as in training
+    warn_about_remote_code(config.model)
     tokenizer = load_tokenizer(config.model)
     model = load_quantized_model(config.model, config.quantization, device)
     partial = output.with_name(output.name + ".partial")  # renamed when complete

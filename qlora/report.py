@@ -14,7 +14,8 @@ from qlora.errors import QLoRAError
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qlora.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qlora.report", description=__doc__.splitlines()[0],
+                                     epilog="docs: docs/runs.md (what a report holds)")
     parser.add_argument("runs", nargs="+", type=Path, help="training run folders (outputs/<recipe>/<date_time>)")
     parser.add_argument("--output", type=Path, default=Path("comparison.md"),
                         help="with several runs: the comparison's markdown file (default: comparison.md)")

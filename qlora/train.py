@@ -6,12 +6,10 @@ With no recipe, the tiny CPU recipe runs. Any key of qlora/config.py can be over
 
 from __future__ import annotations
 
-import sys
-
 from omegaconf import DictConfig
 
 from qlora.cli import run_hydra_command
-from qlora.config import typed_config, with_default_recipe
+from qlora.config import typed_config
 from qlora.validation import validate
 
 
@@ -24,7 +22,6 @@ def train(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv[1:] = with_default_recipe(sys.argv[1:])
     run_hydra_command("train", train)
 
 

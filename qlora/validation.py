@@ -4,6 +4,7 @@ checked before any weights are loaded. Each error names the key, the value and t
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -12,17 +13,22 @@ from typing import Any
 from qlora.config import (
     DATA_FORMATS,
     DTYPES,
+    METHOD_FORMATS,
     NONFINITE_ACTIONS,
     ON_ERROR,
     QUANT_METHODS,
     REPORT_DESTINATIONS,
+    TRAINING_METHODS,
     TRUNCATION,
     DatasetSource,
     DataConfig,
+    LoraConfig,
     ModelConfig,
     QuantizationConfig,
     TrainConfig,
     TrainingConfig,
+    adapter_folder,
+    methods_for,
     report_destinations,
 )
 from qlora.errors import QLoRAError
@@ -45,7 +51,12 @@ def validate(config: TrainConfig) -> None:
             f"e.g. lora.target_modules=[q_proj,v_proj]."
         )
 
-    _validate_data(config.data)
+    _choice("training.method", config.training.method, TRAINING_METHODS)
+    _validate_data(config.data, config.training.method)
+    if config.training.method != "sft":
+        validate_preference(config)
+    if config.model.adapter is not None:
+        _validate_adapter(config.model.adapter, lora)
     _at_least("eval.exact_match_samples", config.eval.exact_match_samples, 0)
     _at_least("eval.max_new_tokens", config.eval.max_new_tokens, 1)
 
@@ -75,6 +86,10 @@ def validate(config: TrainConfig) -> None:
     _at_least("training.save_steps", t.save_steps, 0)
     _at_least("training.save_total_limit", t.save_total_limit, 1)
     _choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_ACTIONS)
+    if not 0.0 <= t.max_skipped_fraction <= 1.0:
+        raise QLoRAError(f"training.max_skipped_fraction={t.max_skipped_fraction} is out of range: use a share of "
+                         f"the steps in [0, 1], e.g. 0.1.")
+    _validate_output_dir(t.output_dir)
     _validate_report_to(t)
     if t.resume not in (None, "auto") and not Path(t.resume).expanduser().is_dir():
         raise QLoRAError(
@@ -83,6 +98,16 @@ def validate(config: TrainConfig) -> None:
         )
     _at_least("performance.mlp_chunk_tokens", config.performance.mlp_chunk_tokens, 0)
     validate_launch(config)
+
+
+def _validate_output_dir(output_dir: str) -> None:
+    path = Path(output_dir).expanduser()
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # a relative path ends at ".", which exists
+    if not nearest.is_dir():
+        raise QLoRAError(
+            f"training.output_dir={output_dir}: {nearest} is a file, so the run folder cannot be created there. "
+            f"Choose a folder, e.g. training.output_dir=outputs/run1."
+        )
 
 
 def validate_launch(config: TrainConfig) -> None:
@@ -96,9 +121,10 @@ def validate_launch(config: TrainConfig) -> None:
         )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise QLoRAError(
-            "DeepSpeed is not supported by qlora (it is not tested with 4-bit bases here): launch with "
-            "--config_file configs/accelerate/fsdp_qlora.yaml to shard a model over GPUs, or "
-            "configs/accelerate/ddp.yaml when the model fits one GPU."
+            "DeepSpeed is not supported by qlora: its adapter saving and checkpoints read each process's own "
+            "weights and optimizer state, which DeepSpeed partitions. Launch with --config_file "
+            "configs/accelerate/fsdp_qlora.yaml to shard a model over GPUs, or configs/accelerate/ddp.yaml when "
+            "the model fits one GPU."
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
@@ -140,16 +166,63 @@ def validate_quantization(q: QuantizationConfig) -> None:
         )
 
 
-def _validate_data(data: DataConfig) -> None:
+def validate_preference(config: TrainConfig) -> None:
+    """What a preference method (dpo, orpo, kto) cannot do that SFT can, refused with the way out."""
+    method, data = config.training.method, config.data
+    if not config.training.beta > 0:
+        raise QLoRAError(f"training.beta={config.training.beta} must be positive, e.g. training.beta=0.1.")
+    for key, value, why in (
+        ("data.packing", data.packing, "TRL's preference trainers batch each pair's sequences side by side"),
+        ("data.train_on_prompt", data.train_on_prompt, "a preference method compares answers, never the prompt"),
+        ("eval.during_training", config.eval.during_training and config.eval.exact_match_samples > 0,
+         "it answers held-out prompts, an SFT check; give pairs as data.val_path instead: their reward margin and "
+         "preference accuracy go to metrics.jsonl every training.eval_steps"),
+    ):
+        if value:
+            raise QLoRAError(f"{key}=true does not apply to training.method={method}: {why}. Set {key}=false.")
+    if method == "kto" and isinstance(config.training.batch_size, int) and config.training.batch_size < 2:
+        raise QLoRAError(
+            f"training.batch_size={config.training.batch_size} with training.method=kto: KTO estimates its KL term "
+            f"from the other completions of a batch, so it needs at least 2. Set training.batch_size=2 or more."
+        )
+    if method == "orpo" and config.performance.activation_offloading:
+        raise QLoRAError("performance.activation_offloading=true is not available with training.method=orpo (TRL's "
+                         "experimental ORPOTrainer has none). Set performance.activation_offloading=false.")
+
+
+def _validate_adapter(path: str, lora: LoraConfig) -> None:
+    """model.adapter holds an adapter whose shape the lora group agrees with (the summary and the plan use it)."""
+    folder = adapter_folder(path)
+    if folder is None:
+        raise QLoRAError(
+            f"model.adapter={path} holds no LoRA adapter (adapter_config.json, in the folder or its adapter/): give "
+            f"a training run folder, e.g. model.adapter=outputs/<sft-run>, or an adapter folder."
+        )
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    shape = (("lora.r", "r", lora.r, None), ("lora.alpha", "lora_alpha", lora.alpha, None),
+             ("lora.use_dora", "use_dora", lora.use_dora, False),
+             ("lora.use_rslora", "use_rslora", lora.use_rslora, False))
+    differing = [(key, saved.get(name, default), ours) for key, name, ours, default in shape
+                 if saved.get(name, default) != ours]
+    if differing:
+        raise QLoRAError(
+            f"model.adapter={path} was trained with "
+            + ", ".join(f"{key}={theirs}" for key, theirs, _ in differing) + " but the lora group says "
+            + ", ".join(f"{key}={ours}" for key, _, ours in differing) + ": the continued adapter keeps its shape. "
+            f"Set " + " ".join(f"{key}={theirs}" for key, theirs, _ in differing) + "."
+        )
+
+
+def _validate_data(data: DataConfig, method: str) -> None:
     if data.path is None and not data.datasets:
         raise QLoRAError(
             "no training data: set data.path=my.jsonl (one dataset), or data.datasets=[{path: a.jsonl},"
             "{path: b.jsonl, format: sharegpt}] (several)."
         )
     if not data.datasets:
-        _validate_source("data", DatasetSource(data.path, data.format, data.split, data.columns))
+        _validate_source("data", DatasetSource(data.path, data.format, data.split, data.columns), method)
     for index, source in enumerate(data.datasets):
-        _validate_source(f"data.datasets[{index}]", source)
+        _validate_source(f"data.datasets[{index}]", source, method)
     _at_least("data.max_length", data.max_length, 8)
     _choice("data.truncation", data.truncation, TRUNCATION)
     _choice("data.on_error", data.on_error, ON_ERROR)
@@ -190,8 +263,14 @@ def _validate_report_to(training: TrainingConfig) -> None:
             )
 
 
-def _validate_source(key: str, source: DatasetSource) -> None:
+def _validate_source(key: str, source: DatasetSource, method: str) -> None:
     _choice(f"{key}.format", source.format, DATA_FORMATS)
+    if source.format != "auto" and source.format not in METHOD_FORMATS[method]:
+        raise QLoRAError(
+            f"{key}.format={source.format} does not fit training.method={method}: {method} trains on "
+            f"{', '.join(METHOD_FORMATS[method])} data. Train {source.format} data with "
+            f"training.method={'|'.join(methods_for(source.format))}, or give data in one of those formats."
+        )
     _validate_local_file(f"{key}.path", source.path)
 
 

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --model tiny --seq 64 --batch 2 --steps 4     # on the CPU (correctness only)
     python scripts/benchmark.py --model llama3-8b --max-context --gpu-memory 24GiB   # longest sequence at batch 1
     python scripts/benchmark.py --recipes unsloth,qlora,"qlora:performance.offload_checkpoints=false"
+    python scripts/benchmark.py --model llama2-7b --method dpo --seq 1024 --batch 2 --recipes plain,qlora  # DPO
 
 Every recipe trains the same randomly initialised checkpoint of a real architecture (built here, loaded
 through each recipe's own quantized loading), on the same random token sequences, with the same seed, LoRA
@@ -21,6 +22,11 @@ where they are not installed). qlora's recipe is `+recipe=<--recipe>` with only 
 the step count set, so every default of the recipe (its performance switches included) is what gets measured;
 `--override` adds overrides to it, and a recipe named `qlora:KEY=VALUE;KEY=VALUE` is qlora with those overrides
 besides (a variant measured in the same call).
+
+`--method dpo` measures DPO instead, on pairs whose chosen and rejected sides are --seq tokens each (tokens/s counts
+both): the plain recipe is TRL's documented DPOTrainer + peft one (the 4-bit model and a LoraConfig handed to
+DPOTrainer, which wraps it and computes the reference with the adapter disabled), qlora's is `+recipe=llama7b_dpo`
+(tiny_dpo for --model tiny). unsloth has no DPO mode here.
 """
 
 from __future__ import annotations
@@ -124,7 +130,9 @@ def available_recipes(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The recipes asked for that can run here, and a note for each that cannot."""
     recipes, notes = [], []
     for recipe in args.recipes:
-        if recipe == UNSLOTH and not unsloth_installed(args.unsloth_path):
+        if recipe == UNSLOTH and args.method == "dpo":
+            notes.append("unsloth: not run, this benchmark has no DPO mode for it")
+        elif recipe == UNSLOTH and not unsloth_installed(args.unsloth_path):
             notes.append(f"unsloth: not run, it is not installed in --unsloth-path={args.unsloth_path} "
                          f"(../shared/device/README.md says how)")
         elif recipe == UNSLOTH and not torch.cuda.is_available():
@@ -203,7 +211,7 @@ def plain_recipe(args: argparse.Namespace, device: str):
     """The recipe users write by hand, straight from the transformers/peft/TRL documentation."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     dtype = BASELINE_DTYPE[device]
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -211,18 +219,24 @@ def plain_recipe(args: argparse.Namespace, device: str):
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, quantization_config=bnb, dtype=dtype,
                                                  attn_implementation="sdpa", device_map={"": device})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    set_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    shared = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                  max_steps=args.steps, **SHARED_HYPERPARAMETERS, gradient_checkpointing=True,
+                  optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch", bf16=dtype == torch.bfloat16,
+                  max_length=args.seq, logging_steps=args.steps, save_strategy="no", report_to="none", seed=0,
+                  data_seed=0)
+    if args.method == "dpo":  # DPOTrainer wraps the model in peft itself (seeded) and disables the adapter for
+        # the reference, as TRL documents for QLoRA
+        return (lambda dataset: DPOTrainer(model=model, args=DPOConfig(**shared), train_dataset=dataset,
+                                           processing_class=tokenizer, peft_config=lora)), model
+    set_seed(0)
+    model = get_peft_model(model, lora)
 
     def build_trainer(dataset):
-        sft = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
-                        gradient_accumulation_steps=1, max_steps=args.steps, **SHARED_HYPERPARAMETERS,
-                        gradient_checkpointing=True, optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
-                        bf16=dtype == torch.bfloat16, max_length=args.seq, packing=False, logging_steps=args.steps,
-                        save_strategy="no", report_to="none", seed=0, data_seed=0)
-        return SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer)
+        return SFTTrainer(model=model, args=SFTConfig(**shared, packing=False), train_dataset=dataset,
+                          processing_class=tokenizer)
 
     return build_trainer, model
 
@@ -240,7 +254,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
     from qlora.stages.trainer import check_performance_support
 
     run_dir = Path(tempfile.mkdtemp())
-    recipe = args.recipe or ("tiny" if args.model == "tiny" else "llama7b")
+    recipe = args.recipe or ("tiny" if args.model == "tiny" else "llama7b") + ("_dpo" if args.method == "dpo" else "")
     config = compose_config([
         f"+recipe={recipe}", f"model.name_or_path={args.checkpoint}", f"training.output_dir={run_dir}",
         f"training.batch_size={args.batch}", "training.grad_accum=1", f"training.max_steps={args.steps}",
@@ -250,7 +264,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
         f"training.lr={SHARED_HYPERPARAMETERS['learning_rate']}",
         f"training.scheduler={SHARED_HYPERPARAMETERS['lr_scheduler_type']}",
         f"training.warmup_ratio={SHARED_HYPERPARAMETERS['warmup_steps']}",
-        f"training.max_grad_norm={SHARED_HYPERPARAMETERS['max_grad_norm']}",
+        f"training.max_grad_norm={SHARED_HYPERPARAMETERS['max_grad_norm']}", f"training.method={args.method}",
         *([] if device == "cuda" else ["training.optim=adamw_torch"]), *args.override,
         *variant_overrides(args.worker),
     ])
@@ -353,7 +367,7 @@ def render_table(rows: list[dict], args: argparse.Namespace) -> str:
     plain, unsloth = (next((r for r in rows if r["recipe"] == name and "error" not in r), None)
                       for name in (PLAIN, UNSLOTH))
     lines = [
-        f"model {args.model} (random init), batch {args.batch} x {args.seq} tokens, LoRA dropout {args.lora_dropout}, "
+        f"model {args.model} (random init), {describe_batch(args)}, LoRA dropout {args.lora_dropout}, "
         f"{args.steps} steps, median over steps {args.warmup + 1}..{args.steps}; measured bf16 matmul peak "
         f"{tflops:.0f} TFLOP/s{memory_cap(args)}",
         "MFU: against the GPU's dense bf16 specification; of limit: against the measured matmul peak, i.e. the "
@@ -386,6 +400,12 @@ def render_table(rows: list[dict], args: argparse.Namespace) -> str:
                 lines.append(f"  {r['recipe']}: largest relative loss difference to {reference['recipe']} over "
                              f"{n} steps: {worst:.2%}")
     return "\n".join(lines) + "\n"
+
+
+def describe_batch(args: argparse.Namespace) -> str:
+    if args.method == "dpo":
+        return f"DPO, batch {args.batch} pairs of 2 x {args.seq} tokens (tokens/s counts both sides)"
+    return f"batch {args.batch} x {args.seq} tokens"
 
 
 def _ratio(row: dict, reference: dict | None) -> str:

@@ -1,7 +1,7 @@
-"""Regenerate the tiny assets the package ships: a sentiment dataset and a tiny Llama model.
+"""Regenerate the tiny assets the package ships: a sentiment dataset, its preference pairs and a tiny Llama model.
 
-The tiny recipe trains on the CPU in about a minute. Everything here is deterministic (fixed seeds,
-sorted vocabularies), so running it again rewrites the same files:
+The tiny recipe trains on the CPU in about a minute; the tiny_dpo recipe learns the same task from the pairs.
+Everything here is deterministic (fixed seeds, sorted vocabularies), so running it again rewrites the same files:
 
     python scripts/build_tiny_assets.py
 """
@@ -46,6 +46,12 @@ def build_dataset(n_train: int = 512, n_heldout: int = 32) -> tuple[list[dict], 
             seen.add(review)
             rows.append({"instruction": INSTRUCTION, "input": review, "output": label})
     return rows[:n_train], rows[n_train:]
+
+
+def preference_pair(row: dict) -> dict:
+    """A sentiment row as a preference pair: the same alpaca prompt, the right label chosen, the wrong one rejected."""
+    wrong = "negative" if row["output"] == "positive" else "positive"
+    return {"prompt": alpaca_example(row)["prompt"], "chosen": row["output"], "rejected": wrong}
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -104,6 +110,8 @@ def main() -> None:
     train, heldout = build_dataset()
     write_jsonl(ASSETS / "sentiment" / "train.jsonl", train)
     write_jsonl(ASSETS / "sentiment" / "heldout.jsonl", heldout)
+    write_jsonl(ASSETS / "sentiment_pairs" / "train.jsonl", [preference_pair(row) for row in train])
+    write_jsonl(ASSETS / "sentiment_pairs" / "heldout.jsonl", [preference_pair(row) for row in heldout])
     # Trained on the formatted examples, so the alpaca template takes few tokens and the runs are quick.
     texts = [example["prompt"] + example["completion"] for example in map(alpaca_example, train)]
     tokenizer = build_tokenizer(texts)
@@ -111,7 +119,7 @@ def main() -> None:
     model_dir = ASSETS / "tiny-llama"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    print(f"wrote {len(train)} train and {len(heldout)} held-out rows, and {model_dir}")
+    print(f"wrote {len(train)} train and {len(heldout)} held-out rows and as many pairs, and {model_dir}")
 
 
 if __name__ == "__main__":

@@ -42,15 +42,35 @@ def trained_run(tmp_path_factory) -> tuple[TrainConfig, Path]:
     return config, run_dir
 
 
-def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m COMMAND ARGS` as a user types it, from `cwd`, with `input` as what they type next."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+@pytest.fixture(scope="session")
+def dpo_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The tiny DPO recipe run as the docs show it, shared by the tests that use a finished DPO run."""
+    folder = tmp_path_factory.mktemp("dpo")
+    result = run_cli("+recipe=tiny_dpo", "training.output_dir=run", cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, folder / "run"
+
+
+def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | None = None,
+            env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m COMMAND ARGS` as a user types it, from `cwd`, with `input` as what they type next; `env`
+    changes the environment (None removes a variable, e.g. HF_HUB_OFFLINE, which is set otherwise)."""
+    changed = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in LOGGER_ENV:
-        env.pop(name, None)
+        changed.pop(name, None)
+    full_env = {name: value for name, value in changed.items() if value is not None}
     return subprocess.run(
-        [sys.executable, "-m", command, *args], cwd=cwd, env=env, input=input, capture_output=True, text=True,
+        [sys.executable, "-m", command, *args], cwd=cwd, env=full_env, input=input, capture_output=True, text=True,
         timeout=600,
     )
+
+
+# what the libraries print that a quiet command must not: progress bars, notices, printed metric dicts
+LIBRARY_NOISE = ("it/s]", "examples/s]", "FutureWarning", "pin_memory", "gemm_4bit_forward", "{'loss'", "{'eval_loss'")
+
+
+def library_noise(result: subprocess.CompletedProcess) -> list[str]:
+    return [noise for noise in LIBRARY_NOISE if noise in result.stdout + result.stderr]
 
 
 def run_with_fault(fault: str, step: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:

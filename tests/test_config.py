@@ -25,7 +25,7 @@ def test_public_keys_exist():
 
 
 def test_shipped_recipes():
-    assert {"tiny", "llama7b", "llama3_8b", "mistral7b", "qwen2_5_7b"} <= set(RECIPES)
+    assert {"tiny", "llama7b", "llama3_8b", "mistral7b", "qwen2_5_7b", "tiny_dpo", "llama7b_dpo"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -103,6 +103,7 @@ def test_hub_ids_are_not_checked_on_disk():
         ("data.datasets=[{path: no/such.jsonl}]", "data.datasets[0].path=no/such.jsonl does not exist"),
         ("data.path=null", "no training data: set data.path=my.jsonl"),
         ("training.eval_steps=0", "training.eval_steps=0 is out of range"),
+        ("training.max_skipped_fraction=1.5", "training.max_skipped_fraction=1.5 is out of range"),
     ],
 )
 def test_bad_values_name_key_and_value(override, expected):
@@ -119,7 +120,7 @@ def test_data_keys_compose_from_the_command_line(tmp_path):
 
 
 def test_a_misspelt_column_field_is_refused_while_composing():
-    with pytest.raises(Exception, match="Could not override 'data.columns.question'"):
+    with pytest.raises(QLoRAError, match=r"^data.columns.question is not a key of python -m qlora.train \(did you"):
         compose_config(["data.columns.question=q"])
 
 
@@ -131,3 +132,49 @@ def test_nothing_to_train_is_refused():
 def test_unset_required_value_is_named():
     with pytest.raises(QLoRAError, match="model.name_or_path"):
         compose_config(["model.name_or_path=???"])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["training.method=ppo"], "training.method=ppo is not supported. Allowed values: sft, dpo, orpo, kto."),
+        (["+recipe=tiny_dpo", "data.format=alpaca"],
+         "data.format=alpaca does not fit training.method=dpo: dpo trains on preference, implicit_preference data. "
+         "Train alpaca data with training.method=sft"),
+        (["+recipe=tiny_dpo", "data.format=unpaired_preference"], "Train unpaired_preference data with "
+                                                                 "training.method=kto"),
+        (["data.format=preference"], "Train preference data with training.method=dpo|orpo|kto"),
+        (["+recipe=tiny_dpo", "data.packing=true"], "data.packing=true does not apply to training.method=dpo"),
+        (["+recipe=tiny_dpo", "data.train_on_prompt=true"], "data.train_on_prompt=true does not apply"),
+        (["+recipe=tiny_dpo", "eval.during_training=true"], "eval.during_training=true does not apply"),
+        (["+recipe=tiny_dpo", "training.method=kto", "training.batch_size=1"],
+         "training.batch_size=1 with training.method=kto"),
+        (["+recipe=tiny_dpo", "training.beta=0"], "training.beta=0.0 must be positive"),
+        (["+recipe=tiny_dpo", "training.method=orpo", "performance.activation_offloading=true"],
+         "performance.activation_offloading=true is not available with training.method=orpo"),
+        (["model.adapter=no/such/run"], "model.adapter=no/such/run holds no LoRA adapter"),
+    ],
+)
+def test_preference_settings_that_cannot_work_are_refused_with_the_fix(overrides, expected):
+    with pytest.raises(QLoRAError) as error:
+        compose_config(overrides)
+    assert expected in str(error.value)
+
+
+def test_a_continued_adapter_must_have_the_lora_groups_shape(tmp_path):
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16, "use_dora": false, "use_rslora": false}')
+    assert compose_config([f"model.adapter={tmp_path / 'run'}"]).model.adapter == str(tmp_path / "run")  # tiny: r=8
+    with pytest.raises(QLoRAError, match="was trained with lora.r=8, lora.alpha=16 but the lora group says lora.r=16, "
+                                         "lora.alpha=32.*Set lora.r=8 lora.alpha=16"):
+        compose_config(["+recipe=llama7b", f"model.adapter={adapter}"])
+
+
+def test_dpo_recipes():
+    tiny = compose_config(["+recipe=tiny_dpo"])
+    assert (tiny.training.method, tiny.training.beta) == ("dpo", 0.1)
+    assert Path(tiny.data.path).is_file() and tiny.data.val_path == tiny.data.heldout_path
+    llama = compose_config(["+recipe=llama7b_dpo"])
+    assert (llama.training.method, llama.model.name_or_path) == ("dpo", "meta-llama/Llama-2-7b-hf")
+    assert (llama.data.max_length, llama.training.batch_size, llama.lora.r) == (1024, 2, 16)

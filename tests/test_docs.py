@@ -12,6 +12,7 @@ import io
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from qlora.compose import compose_config
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
 NOT_RUN = {
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu": "installs packages (the test machine has them)",
     "pip install -e '.[dev]'": "installs packages (the test machine has them)",
     "python -m pytest": "runs this test suite",
     "python scripts/benchmark.py --model llama2-7b --seq 2048 --batch 2": "a 7B benchmark for a GPU",
@@ -35,8 +37,10 @@ NOT_RUN = {
         "an 8B benchmark for a GPU; its search by tests/test_performance.py::test_longest_context_doubles_then_"
         "bisects_to_the_step",
     "tensorboard --logdir outputs": "starts a web server",
+    "python -m qlora.train +recipe=llama7b_dpo 'model.adapter=outputs/llama7b/<date_time>' data.path=pairs.jsonl":
+        "continues a Llama-2-7B SFT run, which a CPU test machine cannot train",
 }
-GPU_RECIPES = ("llama7b", "llama3_8b", "mistral7b", "qwen2_5_7b")
+GPU_RECIPES = ("llama7b", "llama3_8b", "mistral7b", "qwen2_5_7b", "llama7b_dpo")
 # what the tiny runs here are cut to, so that every command runs in seconds
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -71,6 +75,7 @@ def workspace(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("docs")
     shutil.copy(ASSETS_DIR / "sentiment" / "train.jsonl", root / "my.jsonl")
+    shutil.copy(ASSETS_DIR / "sentiment_pairs" / "train.jsonl", root / "pairs.jsonl")
     for name in ("eval.jsonl", "prompts.jsonl"):
         shutil.copy(ASSETS_DIR / "sentiment" / "heldout.jsonl", root / name)
     (root / "models" / "llama2-7b-nf4").mkdir(parents=True)  # stands for `qlora.quantize`'s output
@@ -100,19 +105,39 @@ def test_command(page, command, workspace, monkeypatch):
     while "=" in words[0]:  # VAR=value before the command
         monkeypatch.setenv(*words.pop(0).split("=", 1))
     monkeypatch.setenv("WANDB_MODE", "offline")  # never the network
+    if words[0] == "hf":  # the Hugging Face CLI (logging in asks for a token): the command exists as written
+        hf = Path(sys.executable).with_name("hf")  # huggingface_hub's script, beside this Python
+        done = subprocess.run([str(hf), *words[1:], "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and f"Usage: hf {' '.join(words[1:])}" in done.stdout, done.stderr[-2000:]
+        return
     if words[:2] == ["accelerate", "launch"]:  # several GPUs: the launch config exists, the job composes
         config_file = words[words.index("--config_file") + 1]
         assert (REPO_ROOT / config_file).is_file(), config_file
         words = ["python", *words[words.index("-m"):]]
     assert words[:2] == ["python", "-m"], command
     module, args = words[2], words[3:]
-    run_module(module, args, monkeypatch)
+    if "--help" in args:
+        show_help(module, monkeypatch)
+        return
+    # --verbose only lets the libraries print (tests/test_output.py); --cfg job is composing, done here anyway
+    run_module(module, [a for a in args if a not in ("--verbose", "--cfg", "job")], monkeypatch)
+
+
+def show_help(module: str, monkeypatch) -> None:
+    from qlora.cli import COMMANDS, usage
+
+    name = module.removeprefix("qlora.")
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    printed = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", printed)
+    __import__(module, fromlist=["main"]).main()
+    assert name in COMMANDS and printed.getvalue() == usage(name) + "\n"
 
 
 def run_module(module: str, args: list[str], monkeypatch) -> None:
     if module == "qlora.train":
-        recipe = next((a.split("=", 1)[1] for a in args if a.startswith("+recipe=")), "tiny")
-        overrides = [a for a in args if a not in ("--cfg", "job")]
+        recipe = next((a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("recipe=")), "tiny")
+        overrides = args
         config = compose_config(overrides)  # composes and validates, as `--cfg job` would and more
         if recipe not in GPU_RECIPES:
             from qlora.pipeline import run_training
@@ -126,8 +151,12 @@ def run_module(module: str, args: list[str], monkeypatch) -> None:
     elif module == "qlora.data":
         assert args[0] == "preview"
         recipe_args = [a for a in args[1:] if "=" in a]
-        assert any(a.split("=", 1)[1] in GPU_RECIPES for a in recipe_args if a.startswith("+recipe="))
-        compose_config(recipe_args)  # the GPU recipe's tokenizer is not on this machine
+        if any(a.split("=", 1)[1] in GPU_RECIPES for a in recipe_args if a.lstrip("+").startswith("recipe=")):
+            compose_config(recipe_args)  # the GPU recipe's tokenizer is not on this machine
+        else:
+            from qlora.data.__main__ import main
+
+            assert main(args) == 0
     elif module == "qlora.plan":
         from conftest import run_cli
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import library_noise, run_cli
 from qlora.config import ASSETS_DIR, DataConfig, EvaluateConfig
 from qlora.errors import QLoRAError
 from qlora.data import load_sft_dataset
@@ -22,6 +22,9 @@ def test_cli_writes_eval_json_with_loss_and_answer_metrics(trained_run, tmp_path
     result = run_cli(f"run={run_dir}", f"data.path={config.data.heldout_path}", "max_new_tokens=4",
                      "regex='(positive|negative)'", cwd=tmp_path, command="qlora.evaluate")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not library_noise(result) and not result.stderr
+    assert result.stdout.startswith(f"evaluation data: {config.data.heldout_path} (alpaca): 32 examples")
+    assert "training data" not in result.stdout
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["examples"] == 32
     assert report["perplexity"] == pytest.approx(math.exp(report["eval_loss"]))
@@ -34,7 +37,7 @@ def test_eval_loss_is_the_mean_loss_of_completion_tokens(trained_run, tmp_path):
     config, run_dir = trained_run
     report = evaluate(EvaluateConfig(run=str(run_dir), data=DataConfig(path=config.data.heldout_path), batch_size=64,
                                      generation=False, output_file=str(tmp_path / "eval.json")))
-    model, tokenizer, _ = load_adapted_model(str(run_dir), None, None)
+    model, tokenizer, _ = load_adapted_model(str(run_dir), None, None, trust_remote_code=False)
     total, count = 0.0, 0
     for example in load_sft_dataset(config.data.heldout_path):
         prompt = tokenizer(example["prompt"])["input_ids"]

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import run_cli
+from conftest import library_noise, run_cli
 from qlora.config import GenerateConfig
 from qlora.errors import QLoRAError
 from qlora.generate import generate
@@ -23,6 +23,7 @@ def test_one_prompt_is_streamed_to_the_terminal(trained_run, tmp_path):
     expected = generate(GenerateConfig(run=str(run_dir), prompt="Is this review positive or negative?",
                                        max_new_tokens=4, stream=False))[0]
     assert expected.strip() and result.stdout.rstrip().endswith(expected.strip())
+    assert not library_noise(result) and not result.stderr  # the answer alone
 
 
 def test_batch_file_answers_every_row_like_training_did(trained_run, tmp_path):
@@ -78,4 +79,4 @@ def test_an_adapter_without_lora_weights_is_refused(trained_run, tmp_path):
     shutil.copytree(run_dir / "adapter", empty)
     (empty / "adapter_model.safetensors").unlink()
     with pytest.raises(QLoRAError, match="holds no LoRA weights"):
-        load_adapted_model(None, str(empty), None)
+        load_adapted_model(None, str(empty), None, trust_remote_code=False)

@@ -41,7 +41,7 @@ def test_generate_evaluate_and_merge_on_the_gpu(trained_run, tmp_path):
     from qlora.runs import load_adapted_model
 
     config, run_dir = trained_run
-    model, _, _ = load_adapted_model(str(run_dir), None, None)
+    model, _, _ = load_adapted_model(str(run_dir), None, None, trust_remote_code=False)
     assert model.device.type == "cuda"
     rows = [json.loads(line) for line in open(config.data.heldout_path)][:8]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

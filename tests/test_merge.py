@@ -6,7 +6,7 @@ import peft
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from conftest import library_noise, run_cli
 from qlora.config import MergeConfig
 from qlora.errors import QLoRAError
 from qlora.merge import merge
@@ -25,6 +25,7 @@ def test_bf16_merge_equals_base_plus_adapter(trained_run, tmp_path):
     config, run_dir = trained_run
     result = run_cli(f"run={run_dir}", f"output_dir={tmp_path / 'merged'}", cwd=tmp_path, command="qlora.merge")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not library_noise(result) and not result.stderr
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers
     assert merged.dtype == torch.bfloat16 and not hasattr(merged, "peft_config")

@@ -2,6 +2,7 @@
 
 import gc
 import logging
+import math
 import subprocess
 import sys
 import types
@@ -331,6 +332,29 @@ def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
     assert ours["losses"][0] == pytest.approx(plain["losses"][0], rel=0.01)
     assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
     assert variant["losses"][2] != ours["losses"][2]  # its dropout 0.5 applied (B starts at 0: from step 2)
+
+
+def test_benchmark_dpo_mode_runs_trl_and_qlora_on_the_cpu(tmp_path):
+    """--method dpo: TRL's documented DPOTrainer + peft recipe beside qlora's, on pairs cut to --seq tokens a side. On
+    the CPU only correctness: both train, and both start at loss log 2 (at step 1 the policy is its reference)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--method", "dpo", "--seq",
+         "32", "--batch", "2", "--steps", "3", "--warmup", "1", "--out", str(tmp_path),
+         "--recipes", "plain,unsloth,qlora"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "benchmark.md").read_text()
+    assert "DPO, batch 2 pairs of 2 x 32 tokens" in report and "| plain |" in report and "| qlora |" in report
+    assert "unsloth: not run, this benchmark has no DPO mode for it" in report
+    import json
+
+    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    plain, ours = (next(r for r in rows if r["recipe"] == name) for name in ("plain", "qlora"))
+    assert plain["method"] == ours["method"] == "dpo" and len(plain["losses"]) == len(ours["losses"]) == 3
+    assert plain["losses"][0] == pytest.approx(math.log(2), abs=1e-4) and ours["losses"][0] == pytest.approx(
+        math.log(2), abs=1e-4)
+    assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
 
 
 def _benchmark_module():

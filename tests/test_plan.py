@@ -49,7 +49,7 @@ def test_every_recipe_is_planned_offline(recipe):
     plan = plan_memory(config)
     assert plan.training_peak > plan.footprint > 0
     assert plan.activations_with_checkpointing < plan.activations_without_checkpointing
-    if recipe != "tiny":
+    if not recipe.startswith("tiny"):  # the tiny recipes plan the shipped tiny model
         assert "shipped copy" in plan.architecture_source  # no network here
         assert 3.3 * GiB < plan.footprint < 5.6 * GiB  # 7-8B parameters in 4 bits, embeddings in bf16
 
@@ -212,3 +212,35 @@ def test_offloaded_checkpoints_and_mlp_chunks_are_planned():
     whole = peak("performance.mlp_chunk_tokens=0")
     assert whole > offloaded and peak("performance.mlp_chunk_tokens=8192") > offloaded
     assert peak("performance.mlp_chunk_tokens=0", tokens=4096) == peak(tokens=4096)  # one chunk: as whole
+
+
+def test_dpo_plans_both_sides_of_each_pair_and_the_reference_pass(tmp_path):
+    def plan(*overrides, batch=2):
+        return plan_memory(compose_config(["+recipe=llama7b", "data.max_length=1024", *overrides]), batch_size=batch)
+
+    sft, dpo, orpo = plan(batch=4), plan("training.method=dpo"), plan("training.method=orpo")
+    kto = plan("training.method=kto", batch=4)
+    # 2 pairs are 4 sequences: the policy's activations are those of an SFT batch of 4
+    assert dpo.sequences_per_example == 2 and dpo.activations == sft.activations == kto.activations
+    # the reference's forward pass (adapter off, no gradients) comes on top of what the policy's pass keeps; it
+    # is smaller than the backward pass's working set here, so the peak is the policy's
+    assert 0 < dpo.reference_pass < dpo.activations + dpo.logits_loss and sft.reference_pass == orpo.reference_pass == 0
+    assert dpo.training_peak == sft.training_peak
+    # without checkpointing the policy keeps every layer's activations while the reference runs
+    unchecked = plan("training.method=dpo", "training.gradient_checkpointing=false")
+    assert unchecked.reference_pass > dpo.reference_pass
+    assert orpo.logits_loss > 4 * dpo.logits_loss  # ORPO's trainer computes the full logits
+    # continuing an adapter keeps a frozen copy of it as the reference's
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 16, "lora_alpha": 32}')
+    continued = plan("training.method=dpo", f"model.adapter={adapter}")
+    assert continued.reference_adapter == continued.params.lora * 4
+    assert continued.training_peak == dpo.training_peak + continued.reference_adapter
+
+
+def test_plan_command_shows_the_pairs_and_the_reference(tmp_path):
+    done = run_cli("+recipe=llama7b_dpo", cwd=tmp_path, command="qlora.plan")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "training peak at batch 2 pairs (2 x 2 sequences) x 1024 tokens" in done.stdout
+    assert "or in the reference's pass (adapter off), with the policy's kept activations" in done.stdout

@@ -4,11 +4,10 @@ import io
 import json
 import logging
 import time
-import warnings
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from qlora.stages.progress import TokenRate, TrainingProgress, quiet_library_noise
+from qlora.stages.progress import TokenRate, TrainingProgress
 from qlora.stages.trainer import MetricsFile
 
 
@@ -73,11 +72,3 @@ def test_the_progress_line_and_metrics_jsonl_show_one_measured_rate(tmp_path, ca
     assert 1000 / 0.02 >= rows[1]["tokens_per_s"] > 0  # 1,000 tokens in at least 2 x 10 ms
     assert f"tok/s {rows[1]['tokens_per_s']:,.0f} " in shown
 
-
-def test_library_deprecation_noise_is_quiet_and_real_warnings_stay():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quiet_library_noise(is_main_process=True)
-        warnings.warn_explicit("`x` is deprecated", FutureWarning, "training_args.py", 1, module="transformers.training_args")
-        warnings.warn_explicit("your data has 3 rows", UserWarning, "prepare.py", 1, module="qlora.data.prepare")
-    assert [str(w.message) for w in caught] == ["your data has 3 rows"]

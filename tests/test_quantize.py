@@ -12,7 +12,7 @@ from qlora.compose import compose_config
 from qlora.errors import QLoRAError
 from qlora.pipeline import run_training
 from qlora.quantize import quantize
-from qlora.stages.model import load_quantized_model, quantization_conflicts, saved_quantization
+from qlora.stages.model import load_quantized_model, loaded_quantization, quantization_conflicts, saved_quantization
 
 TINY = str(compose_config([]).model.name_or_path)
 
@@ -50,6 +50,19 @@ def test_saved_quantization_is_detected_and_conflicts_named(tmp_path):
     model = load_quantized_model(model_config, QuantizationConfig(), torch.device("cpu"))
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_state.quant_type == "fp4"
+
+
+def test_the_start_up_summary_shows_the_quantization_in_use(tmp_path):
+    # quantized with the quantize command's default bfloat16 compute; the tiny recipe asks for float32
+    quantize(QuantizeConfig(model=ModelConfig(name_or_path=TINY, dtype="float32"), output_dir=str(tmp_path / "nf4")))
+    steps = ["training.max_steps=1", "eval.exact_match_samples=0"]
+    run_training(compose_config([f"training.output_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'nf4'}",
+                                 *steps]))
+    summary = json.loads((tmp_path / "run" / "startup_summary.json").read_text())
+    assert summary["quantization"] == "nf4 + double quant, bfloat16 compute (the pre-quantized checkpoint's own)"
+    on_the_fly = compose_config(steps)
+    model = load_quantized_model(on_the_fly.model, on_the_fly.quantization, torch.device("cpu"))
+    assert loaded_quantization(model, on_the_fly.quantization) == on_the_fly.quantization
 
 
 def test_quantize_never_writes_over_a_folder(tmp_path):

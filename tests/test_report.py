@@ -7,7 +7,7 @@ from matplotlib.image import imread
 
 from qlora.errors import QLoRAError
 from qlora.report import main
-from qlora.stages.report import GENERATED, read_run, write_report
+from qlora.stages.report import GENERATED, loss_figure, read_run, write_report
 from qlora.stages.startup import StartupSummary, write_summary
 
 
@@ -41,6 +41,16 @@ def test_report_holds_summary_results_and_a_linked_plot(tmp_path):
     assert "![training and eval loss, learning rate](report.png)" in report
     height, width, _ = imread(run / "report.png").shape
     assert (width, height) == (800, 600)
+
+
+@pytest.mark.parametrize("losses, eval_losses, scale", [([6.8, 2.0, 0.4], [0.9], "log"),  # 6.8 / 0.4: 17x
+                                                         ([4.0, 2.0, 1.5], [0.5], "linear")])  # 8x: within a decade
+def test_the_plot_is_titled_with_the_run_and_a_loss_over_a_decade_is_on_a_log_scale(tmp_path, losses, eval_losses,
+                                                                                     scale):
+    figure = loss_figure([read_run(fake_run(tmp_path / "tiny" / "run1", losses, eval_losses))])
+    loss_axes = figure.axes[0]
+    assert figure.get_suptitle() == "tiny/run1"
+    assert loss_axes.get_yscale() == scale
 
 
 def test_best_eval_loss_is_the_lowest_not_the_last(tmp_path):

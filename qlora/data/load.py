@@ -8,10 +8,11 @@ from pathlib import Path
 
 import datasets
 
-from qlora.config import DatasetSource
+from qlora.config import PREFERENCE_FORMATS, DatasetSource
 from qlora.data.files import RowOrigins, Rows, read_local
 from qlora.data.formats import detect_format, to_trl_example
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access, why_not_loaded
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,10 @@ def load_sft_dataset(path: str, format: str = "auto") -> datasets.Dataset:
     return load_formatted(DatasetSource(path=path, format=format)).dataset
 
 
-def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int | None = None) -> FormattedRows:
-    """Load `source`, rename its columns, detect its format and convert each row, raising or skipping bad ones."""
+def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int | None = None,
+                   method: str = "sft") -> FormattedRows:
+    """Load `source`, rename its columns, detect its format (among training.method=`method`'s) and convert each
+    row, raising or skipping bad ones."""
     read = read_rows(source.path, source.split, on_error)
     rows, origins = read.dataset, read.origins  # only origins in convert: datasets hashes it for its cache
     renames = {theirs: ours for ours, theirs in asdict(source.columns).items() if theirs and theirs != ours}
@@ -57,7 +60,8 @@ def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int
             f"its columns are {rows.column_names}."
         )
     rows = rows.rename_columns(renames)
-    format = detect_format(rows.column_names) if source.format == "auto" else source.format
+    format = detect_format(rows.column_names, method) if source.format == "auto" else source.format
+    placeholder = _placeholder(format, rows.features)
 
     def convert(row: dict, index: int) -> dict:
         try:
@@ -68,7 +72,7 @@ def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int
                     f"{origins.locate(index)}: {error}. Fix the row, or set data.on_error=skip to skip "
                     f"and count such rows."
                 ) from error
-            return {**_PLACEHOLDERS[format], "qlora_error": str(error)}
+            return {**placeholder, "qlora_error": str(error)}
 
     formatted = rows.map(
         convert, with_indices=True, remove_columns=rows.column_names, num_proc=num_proc,
@@ -99,12 +103,25 @@ def read_rows(path: str, split: str = "train", on_error: str = "raise") -> Rows:
     if Path(path).expanduser().exists():
         return read_local(path, on_error)
     try:
+        prepare_hub_access(path)
         return Rows(datasets.load_dataset(path, split=split), RowOrigins(f"{path} (split {split})"))
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         raise QLoRAError(
-            f"could not load dataset {path} (split {split}): not a local file or folder, and not reachable on "
-            f"the Hub (offline, private without a token, or misspelt). Download it first or give a local "
-            f"path. Details: {error}"
+            f"could not load dataset {path} (split {split}): {why_not_loaded(path, error, repo_type='dataset')}"
         ) from error
     except ValueError as error:  # e.g. an unknown split of a Hub dataset
         raise QLoRAError(f"could not load dataset {path} (split {split}): {error}") from error
+
+
+def _placeholder(format: str, features: datasets.Features) -> dict:
+    """The empty example standing in for a malformed row of `format`: a preference row's empty values are text or
+    lists of messages, as the dataset's other rows are (an Arrow column holds one type)."""
+    if format not in PREFERENCE_FORMATS:
+        return _PLACEHOLDERS[format]
+    unpaired = format == "unpaired_preference"
+    answer = features["completion" if unpaired else "chosen"]
+    empty = "" if isinstance(answer, datasets.Value) else []
+    if unpaired:
+        return {"prompt": empty, "completion": empty, "label": False}
+    return dict.fromkeys(("prompt", "chosen", "rejected"), empty)
+

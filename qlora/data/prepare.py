@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import datasets
 from accelerate import PartialState
@@ -14,6 +15,9 @@ from qlora.data.load import FormattedRows, load_formatted
 from qlora.data.masks import describe_chat_masking
 from qlora.data.templates import resolve_chat_template
 from qlora.data.tokenization import DataStats, TokenizeOptions, length_percentiles, tokenize_dataset
+
+if TYPE_CHECKING:
+    from qlora.data.preference import PreferenceData
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +52,25 @@ def data_sources(data: DataConfig) -> list[DatasetSource]:
     return [DatasetSource(path=data.path, format=data.format, split=data.split, columns=data.columns)]
 
 
-def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> SFTData:
+def prepare_training_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                          method: str = "sft") -> SFTData | PreferenceData:
+    """The data stage of training.method: tokenized examples for SFT, checked pairs for the preference trainers."""
+    if method == "sft":
+        return prepare_sft_data(data, tokenizer, seed)
+    from qlora.data.preference import prepare_preference_data  # imported here: it builds on data_sources above
+
+    return prepare_preference_data(data, tokenizer, seed, method)
+
+
+def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                     purpose: str = "training") -> SFTData:
     """Tokenized training and validation examples for `data`, preprocessed by the main process first.
 
     Under `accelerate launch` the other processes wait, then read the main process's result from the
-    datasets cache instead of tokenizing again.
+    datasets cache instead of tokenizing again. `purpose` names the data in the log (training, evaluation).
     """
     with PartialState().main_process_first():
-        parts = [_tokenize_source(source, data, tokenizer) for source in data_sources(data)]
+        parts = [_tokenize_source(source, data, tokenizer, purpose) for source in data_sources(data)]
         train = datasets.concatenate_datasets([part.dataset for part in parts])
         stats = _sum_stats([part.stats for part in parts], train)
         if len(parts) > 1:
@@ -63,22 +78,25 @@ def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed:
         validation = validation_stats = None
         if data.val_path is not None:
             val_source = DatasetSource(path=data.val_path, columns=data.columns)
-            tokenized_validation = _tokenize_source(val_source, data, tokenizer)
+            tokenized_validation = _tokenize_source(val_source, data, tokenizer, "validation")
             validation, validation_stats = tokenized_validation.dataset, tokenized_validation.stats
         elif data.val_size:
             size = data.val_size if data.val_size < 1 else int(data.val_size)
             split = train.train_test_split(test_size=size, seed=seed)
             train, validation = split["train"], split["test"]
-    log.info("training data: %s", stats.describe())
-    if validation is not None:
-        log.info("validation data: %d examples", len(validation))
+    if len(parts) > 1:  # each source's line is above
+        log.info("%s data, all %d datasets: %s", purpose, len(parts), stats.describe())
+    if data.val_size:  # a validation file's line is above
+        log.info("validation data: %d examples split off", len(validation))
     chat_masking = next((part.chat_masking for part in parts if part.chat_masking), None)
     if chat_masking:
         log.info("chat rows: %s", chat_masking)
     return SFTData(train, validation, stats, validation_stats, [part.format for part in parts], chat_masking)
 
 
-def _tokenize_source(source: DatasetSource, data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> _TokenizedSource:
+def _tokenize_source(
+    source: DatasetSource, data: DataConfig, tokenizer: PreTrainedTokenizerBase, purpose: str
+) -> _TokenizedSource:
     rows: FormattedRows = load_formatted(source, data.on_error, data.num_proc)
     chat_template = chat_masking = None
     if "messages" in rows.dataset.column_names:
@@ -94,7 +112,7 @@ def _tokenize_source(source: DatasetSource, data: DataConfig, tokenizer: PreTrai
         num_proc=data.num_proc,
     )
     tokenized, stats = tokenize_dataset(rows.dataset, tokenizer, options, rows.skipped, rows.locate)
-    log.info("%s (%s): %s", source.path, rows.format, stats.describe())
+    log.info("%s data: %s (%s): %s", purpose, source.path, rows.format, stats.describe())
     return _TokenizedSource(tokenized, stats, rows.format, chat_masking)
 
 

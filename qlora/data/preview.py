@@ -1,4 +1,5 @@
-"""Show what the model sees: the first examples with trained and masked tokens told apart, and statistics.
+"""Show what the model sees: the first examples (or both sides of the first pairs) with trained and masked tokens
+told apart, and statistics.
 
 Run it before spending GPU hours: `python -m qlora.data preview +recipe=NAME [key=value ...]`.
 """
@@ -11,7 +12,8 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from qlora.config import TrainConfig
-from qlora.data.prepare import SFTData, prepare_sft_data
+from qlora.data.preference import PreferenceData, describe_answer, preference_sequences
+from qlora.data.prepare import SFTData, prepare_training_data
 from qlora.data.tokenization import IGNORE, DataStats
 
 # In a terminal, trained tokens are green and masked ones grey; piped, trained text is wrapped in markers.
@@ -24,7 +26,7 @@ def preview(config: TrainConfig, examples: int = 3, colour: bool = False) -> str
     from qlora.stages.model import load_tokenizer  # the model's tokenizer, exactly as training loads it
 
     tokenizer = load_tokenizer(config.model)
-    data = prepare_sft_data(config.data, tokenizer, config.training.seed)
+    data = prepare_training_data(config.data, tokenizer, config.training.seed, config.training.method)
     return "\n".join(_report(data, tokenizer, examples, colour))
 
 
@@ -40,22 +42,34 @@ def render_example(input_ids: list[int], labels: list[int], tokenizer: PreTraine
     return "".join(parts)
 
 
-def _report(data: SFTData, tokenizer: PreTrainedTokenizerBase, examples: int, colour: bool) -> Iterator[str]:
+def _report(data: SFTData | PreferenceData, tokenizer: PreTrainedTokenizerBase, examples: int,
+            colour: bool) -> Iterator[str]:
     legend = f"trained tokens inside {TRAINED_OPEN} {TRAINED_CLOSE}"
     if colour:
         legend = "trained tokens in green, masked in grey"
-    if data.chat_masking:
+    if isinstance(data, SFTData) and data.chat_masking:
         yield f"chat rows: {data.chat_masking}"
-    yield f"first {min(examples, len(data.train))} training examples ({legend}):"
+    kind = "pairs" if "chosen" in data.train.column_names else "examples"
+    yield f"first {min(examples, len(data.train))} training {kind} ({legend}):"
     for index, example in enumerate(_first(data.train, examples)):
-        yield f"\n--- example {index} ({len(example['input_ids'])} tokens) ---"
-        yield render_example(example["input_ids"], example["labels"], tokenizer, colour)
+        for side, input_ids, labels in _sequences(example, tokenizer):
+            yield f"\n--- example {index}{side} ({len(input_ids)} tokens) ---"
+            yield render_example(input_ids, labels, tokenizer, colour)
     yield "\ntraining data (before a data.val_size split):"
     yield from _stats_lines(data.stats)
     if data.validation is not None:
         yield f"validation data: {len(data.validation)} examples ({len(data.train)} left for training)"
         if data.validation_stats is not None:
             yield from _stats_lines(data.validation_stats)
+
+
+def _sequences(example: dict, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, list[int], list[int]]]:
+    """What the trainer sees of an example: its tokens, or the chosen and the rejected sequence of a pair (one
+    labelled completion for KTO), as (side, input_ids, labels)."""
+    if "input_ids" in example:
+        return [("", example["input_ids"], example["labels"])]
+    return [(f", {describe_answer(name, example)}", input_ids, labels)
+            for name, (input_ids, labels) in preference_sequences(example, tokenizer).items()]
 
 
 def _stats_lines(stats: DataStats) -> Iterator[str]:

@@ -24,6 +24,12 @@ The terms model the code as it trains today:
   dequantized weights until its backward pass.
 - performance.embeddings_on_host: an untied input embedding table is in host memory while training (on a GPU, one
   process); its bytes leave the training weights, not the loaded footprint.
+- training.method=dpo|orpo: each pair's chosen and rejected sequences run side by side, twice the sequences of
+  a micro-batch. dpo|kto: after the policy's forward pass, while its saved activations wait for the backward pass,
+  the reference (the same model, adapter switched off) runs a forward pass without gradients or checkpointing; with
+  model.adapter, TRL keeps a frozen float32 copy of the continued adapter as the reference's. ORPO (TRL's
+  experimental trainer) computes the full logits and their log-softmax instead of the fused head's tiles.
+  These terms follow the trainers' code; they are not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from qlora.config import ASSETS_DIR, ModelConfig, TrainConfig
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access
 from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
 from qlora.stages.host_embeddings import keeps_embeddings_on_host
 from qlora.stages.offload import offloads_checkpoints
@@ -115,6 +122,10 @@ class MemoryPlan:
     activations_without_checkpointing: int
     logits_loss: int
     workspace: int
+    sequences_per_example: int = 1  # 2 for DPO and ORPO: a pair's chosen and rejected sequences
+    # DPO, KTO: the activations the policy's forward pass keeps plus the reference's forward pass (0: no reference)
+    reference_pass: int = 0
+    reference_adapter: int = 0  # DPO, KTO with model.adapter: the frozen copy of the continued adapter
 
     @property
     def footprint(self) -> int:
@@ -134,7 +145,8 @@ class MemoryPlan:
 
     @property
     def training_peak(self) -> int:
-        return self.weights + self.lora_and_optimizer + self.activations + self.logits_loss + self.workspace
+        return (self.weights + self.lora_and_optimizer + self.reference_adapter + self.workspace
+                + max(self.activations + self.logits_loss, self.reference_pass))
 
 
 def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: Optional[int] = None,
@@ -149,7 +161,9 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     method, compute = config.quantization.method, _bytes(config.quantization.compute_dtype)
     load = _bytes(str(load_dtype(config.model, architecture.config)).removeprefix("torch."))
     quantized, statistics = quantized_bytes(params, method, config.quantization.double_quant)
-    tokens = batch_size * seq_len
+    training_method = config.training.method
+    sequences = 2 if training_method in ("dpo", "orpo") else 1  # a pair's chosen and rejected sequences, side by side
+    tokens = batch_size * seq_len * sequences
     hidden, intermediate, layers = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
     head_dim = getattr(arch, "head_dim", None) or hidden // arch.num_attention_heads
     kv = (getattr(arch, "num_key_value_heads", None) or arch.num_attention_heads) * head_dim
@@ -183,6 +197,19 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         with_checkpointing = checkpoints + dropout_masks + int(tokens * h_gpu * hidden
                                                                + mlp_tokens * i_gpu * intermediate)
         head_hidden = 0  # part of the fitted working set
+    # one tile of logits, and (with a float32 head cast under autocast) one tile of the head's weights
+    loss_tile = min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB) * compute
+    logits_loss = head_hidden + loss_tile + (0 if calibrated else min(arch.vocab_size, LOSS_TILE_VOCAB) * hidden
+                                             * compute)
+    if training_method == "orpo":  # the full logits and their gradient, their float32 log-softmax, the NLL's on half
+        logits_loss = head_hidden + tokens * arch.vocab_size * (2 * compute + 6)
+    reference_pass = 0
+    if training_method in ("dpo", "kto"):
+        kept = (checkpoints if config.training.gradient_checkpointing else layer * layers) + embedding_and_norm
+        # no gradients, no checkpointing: a layer's input and output, one MLP chunk's three intermediate tensors,
+        # and the fused head's tile
+        transient = tokens * hidden * residual * 2 + mlp_tokens * intermediate * compute * 3 + loss_tile
+        reference_pass = kept + head_hidden + transient
     dequantized = 2 * params.largest_quantized * compute if method != "none" else 0  # a weight, transiently
     if keeps_recomputed_tensors(config):  # the recomputed layer keeps every dequantized weight until its backward
         dequantized = params.quantized // layers * compute
@@ -208,11 +235,12 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         activations=with_checkpointing if config.training.gradient_checkpointing else without_checkpointing,
         activations_with_checkpointing=with_checkpointing,
         activations_without_checkpointing=without_checkpointing,
-        # one tile of logits, and (with a float32 head cast under autocast) one tile of the head's weights
-        logits_loss=head_hidden + min(tokens, LOSS_TILE_TOKENS) * min(arch.vocab_size, LOSS_TILE_VOCAB) * compute
-        + (0 if calibrated else min(arch.vocab_size, LOSS_TILE_VOCAB) * hidden * compute),
+        logits_loss=logits_loss,
         # 4-bit weights dequantized for the matmuls; cuBLAS's workspace
         workspace=dequantized + CUBLAS_WORKSPACE,
+        sequences_per_example=sequences,
+        reference_pass=reference_pass,
+        reference_adapter=params.lora * 4 if training_method in ("dpo", "kto") and config.model.adapter else 0,
     )
 
 
@@ -280,6 +308,7 @@ def count_parameters(model_config: PretrainedConfig, config: TrainConfig) -> Par
 
 def load_architecture(model: ModelConfig) -> Architecture:
     """config.json from the local folder or the hub cache (AutoConfig), else qlora's shipped copy."""
+    prepare_hub_access(model.name_or_path)
     try:
         config = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
@@ -289,7 +318,8 @@ def load_architecture(model: ModelConfig) -> Architecture:
         shipped = ARCHITECTURES_DIR / (model.name_or_path.replace("/", "--") + ".json")
         if not shipped.is_file():
             raise QLoRAError(
-                f"could not read the config.json of model.name_or_path={model.name_or_path} ({error}), and qlora "
+                f"could not read the config.json of model.name_or_path={model.name_or_path} "
+                f"({' '.join(str(error).split())}), and qlora "
                 f"ships no copy of it (it has {', '.join(sorted(p.stem for p in ARCHITECTURES_DIR.glob('*.json')))}). "
                 f"Download the model's config.json into a folder and set model.name_or_path to that folder."
             ) from error

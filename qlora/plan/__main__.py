@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from qlora.cli import run_hydra_command
-from qlora.config import PlanConfig, typed_config, with_default_recipe
+from qlora.config import PlanConfig, typed_config
 from qlora.errors import QLoRAError
 from qlora.plan import (LONGEST_SEQUENCE_SEARCHED, Architecture, GiB, MemoryPlan, largest_batch, load_architecture,
                         longest_sequence, plan_memory)
@@ -70,7 +70,7 @@ def render(plan: MemoryPlan, config: PlanConfig) -> str:
         f"load peak (quantized model + the largest full-precision tensor) {_gib(plan.load_peak)}",
         "load bound (quantized model + the largest shard) "
         + (_gib(plan.load_bound) if plan.load_bound is not None else "unknown: the checkpoint is not a local folder"),
-        f"training peak at batch {plan.batch_size} x {plan.seq_len} tokens, gradient checkpointing {checkpointing} "
+        f"training peak at batch {_batch(plan)} x {plan.seq_len} tokens, gradient checkpointing {checkpointing} "
         f"{_gib(plan.training_peak)}",
         f"  weights (unquantized ones in {_frozen_dtype(config)} after k-bit preparation) {_gib(plan.weights)}",
         f"  LoRA weights, gradients, optimizer states ({config.training.optim}) {_gib(plan.lora_and_optimizer)}",
@@ -82,6 +82,12 @@ def render(plan: MemoryPlan, config: PlanConfig) -> str:
     ]
     if plan.host_embeddings:
         lines.append(f"  + the input embedding table, in host memory while training {_gib(plan.host_embeddings)}")
+    if plan.reference_pass:
+        # the peak counts this instead of activations + logits when it is larger
+        lines.append(f"  or in the reference's pass (adapter off), with the policy's kept activations "
+                     f"{_gib(plan.reference_pass)}")
+    if plan.reference_adapter:
+        lines.append(f"  + the reference's frozen copy of model.adapter {_gib(plan.reference_adapter)}")
     if plan.paged_optimizer:
         lines.append(f"  + paged optimizer states, in CUDA unified memory outside torch's allocator "
                      f"{_gib(plan.paged_optimizer)}")
@@ -98,6 +104,13 @@ def gpu_memory(value: str | None) -> tuple[int | None, str]:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
     return None, ""
+
+
+def _batch(plan: MemoryPlan) -> str:
+    """The micro-batch: N sequences, or for DPO and ORPO N pairs of a chosen and a rejected sequence."""
+    if plan.sequences_per_example == 2:
+        return f"{plan.batch_size} pairs (2 x {plan.batch_size} sequences)"
+    return str(plan.batch_size)
 
 
 def _frozen_dtype(config: PlanConfig) -> str:
@@ -134,8 +147,7 @@ def gpu_memory_flag(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    sys.argv[1:] = with_default_recipe(gpu_memory_flag(sys.argv[1:]))
-    run_hydra_command("plan", plan_command)
+    run_hydra_command("plan", plan_command, gpu_memory_flag(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Attach LoRA adapters built from the lora config group."""
+"""Attach LoRA adapters built from the lora config group, or continue a trained adapter (model.adapter)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import peft
 from transformers import PreTrainedModel
 
-from qlora.config import LoraConfig, TrainConfig
+from qlora.config import LoraConfig, TrainConfig, adapter_folder
 from qlora.stages.chunked_mlp import chunk_mlps
 from qlora.stages.fused_lora import fuse_lora_layers, fused_lora, keeps_recomputed_tensors
 from qlora.stages.model import compile_decoder_layers
@@ -16,11 +17,17 @@ log = logging.getLogger(__name__)
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False, keep_for_backward: bool = False,
-                dequantize_in_torch: bool = False) -> peft.PeftModel:
-    """peft's LoRA adapters from the lora group; `fused` (performance.fused_lora) routes the layers over 4-bit
-    weights through qlora's fused LoRA function, `keep_for_backward` (performance.reuse_recomputed_weights, under
-    gradient checkpointing only) lets it keep its dequantized weights for the backward pass, `dequantize_in_torch`
-    (performance.compiled_dequantize) lets compiled layers dequantize in torch ops."""
+                dequantize_in_torch: bool = False, adapter: Optional[str] = None) -> peft.PeftModel:
+    """peft's LoRA adapters from the lora group, or the trained adapter `adapter` (model.adapter) to continue;
+    `fused` (performance.fused_lora) routes the layers over 4-bit weights through qlora's fused LoRA function,
+    `keep_for_backward` (performance.reuse_recomputed_weights, under gradient checkpointing only) lets it keep its
+    dequantized weights for the backward pass, `dequantize_in_torch` (performance.compiled_dequantize) lets compiled
+    layers dequantize in torch ops."""
+    if adapter is not None:
+        folder = adapter_folder(adapter)
+        log.info("model.adapter: continuing the adapter in %s", folder)
+        model = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        return _fused(model, fused, keep_for_backward, dequantize_in_torch)
     peft_config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -32,7 +39,10 @@ def attach_lora(model: PreTrainedModel, lora: LoraConfig, fused: bool = False, k
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = peft.get_peft_model(model, peft_config)
+    return _fused(peft.get_peft_model(model, peft_config), fused, keep_for_backward, dequantize_in_torch)
+
+
+def _fused(model: peft.PeftModel, fused: bool, keep_for_backward: bool, dequantize_in_torch: bool) -> peft.PeftModel:
     if fused:
         fused_layers = fuse_lora_layers(model, keep_for_backward, dequantize_in_torch)
         log.info("performance.fused_lora: %d LoRA layers over 4-bit weights fused", fused_layers)
@@ -47,7 +57,8 @@ def attach_training_adapters(model: PreTrainedModel, config: TrainConfig,
     performance = config.performance
     model = attach_lora(model, config.lora, fused=fused_lora(config) and not sharded,
                         keep_for_backward=keeps_recomputed_tensors(config),
-                        dequantize_in_torch=performance.torch_compile and performance.compiled_dequantize)
+                        dequantize_in_torch=performance.torch_compile and performance.compiled_dequantize,
+                        adapter=config.model.adapter)
     if performance.mlp_chunk_tokens and not sharded:
         log.info("performance.mlp_chunk_tokens: %d MLPs run in chunks of %d tokens on longer micro-batches",
                  chunk_mlps(model, performance.mlp_chunk_tokens), performance.mlp_chunk_tokens)

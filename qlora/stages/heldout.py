@@ -1,4 +1,5 @@
-"""Greedy answers to held-out prompts, scored against their references (exact match, contains, regex)."""
+"""Greedy answers to held-out prompts, scored against their references (exact match, contains, regex), and for the
+preference methods how often the model prefers the chosen answer of a held-out pair."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from qlora.config import DatasetSource
 from qlora.data.formats import TRL_SHAPES
 from qlora.data.load import load_formatted
+from qlora.data.preference import preference_sequences
+from qlora.data.tokenization import IGNORE
+from qlora.errors import QLoRAError
 from qlora.stages.host_embeddings import on_device
 
 log = logging.getLogger("qlora")
@@ -52,6 +56,18 @@ def heldout_examples(path: Optional[str], samples: int, training_formats: list[s
                  path, shape, heldout.format, trained)
         return None
     return heldout.dataset.select(range(min(samples, len(heldout.dataset))))
+
+
+def heldout_pairs(path: Optional[str], samples: int, method: str) -> Optional[datasets.Dataset]:
+    """The first `samples` held-out pairs of a preference method, read in their own format (as heldout_examples
+    reads SFT rows)."""
+    if path is None or samples == 0:
+        return None
+    heldout = load_formatted(DatasetSource(path=path), method=method).dataset
+    if "chosen" not in heldout.column_names:
+        raise QLoRAError(f"data.heldout_path={path} holds unpaired completions, but the held-out check compares the "
+                         f"two answers of a pair: give prompt/chosen/rejected pairs, or data.heldout_path=null.")
+    return heldout.select(range(min(samples, len(heldout))))
 
 
 def exact_match(
@@ -137,6 +153,57 @@ class HeldoutEvaluation(TrainerCallback):
         scores = {f"heldout_{name}": sum(hits) / len(hits) for name, hits in score_answers(answers, references).items()}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": state.global_step, **scores}) + "\n")
+
+
+@dataclass
+class PreferenceAccuracy:
+    preferred: int  # pairs whose chosen answer the model gives the higher log-probability
+    total: int
+    mean_margin: float  # log p(chosen) - log p(rejected), averaged over the pairs
+
+    @property
+    def accuracy(self) -> float:
+        return self.preferred / self.total if self.total else 0.0
+
+
+def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: datasets.Dataset,
+                        batch_size: int = 8) -> PreferenceAccuracy:
+    """The model's own preference on held-out pairs: how often log p(chosen | prompt) > log p(rejected | prompt),
+    each summed over the answer's tokens as the preference trainers tokenize them. Unlike the trainers' reward
+    accuracy, it needs no reference, so it means the same before training as after."""
+    sequences = [preference_sequences(pair, tokenizer) for pair in pairs]
+    chosen = answer_log_probs(model, [s["chosen"] for s in sequences], tokenizer.pad_token_id, batch_size)
+    rejected = answer_log_probs(model, [s["rejected"] for s in sequences], tokenizer.pad_token_id, batch_size)
+    margins = chosen - rejected
+    return PreferenceAccuracy(int((margins > 0).sum()), len(margins), float(margins.mean()))
+
+
+@torch.no_grad()
+def answer_log_probs(model: PreTrainedModel, sequences: list[tuple[list[int], list[int]]], pad_token_id: int,
+                     batch_size: int = 8) -> torch.Tensor:
+    """log p(answer | prompt) of each (input_ids, labels) sequence: the sum over its labelled tokens."""
+    was_training = model.training
+    model.eval()
+    sums = []
+    try:
+        with on_device(model):  # the model's device is its input embeddings' (see generate_answers)
+            for start in range(0, len(sequences), batch_size):
+                batch = sequences[start : start + batch_size]
+                width = max(len(ids) for ids, _ in batch)
+                input_ids = torch.tensor([ids + [pad_token_id] * (width - len(ids)) for ids, _ in batch])
+                labels = torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in batch])
+                attention_mask = (torch.arange(width) < torch.tensor([[len(ids)] for ids, _ in batch])).long()
+                with torch.compiler.set_stance("force_eager"):  # compiled layers would compile again for every length
+                    logits = model(input_ids=input_ids.to(model.device),
+                                   attention_mask=attention_mask.to(model.device)).logits
+                targets, kept = labels[:, 1:].to(model.device), labels[:, 1:].to(model.device) != IGNORE
+                for row in range(len(batch)):  # one row's float32 log-softmax at a time: a 7B's vocabulary is large
+                    log_probs = logits[row, :-1].float().log_softmax(-1)
+                    picked = log_probs.gather(-1, targets[row].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    sums.append(picked[kept[row]].sum().cpu())
+    finally:
+        model.train(was_training)
+    return torch.stack(sums)
 
 
 def _prompt_and_reference(example: dict, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:

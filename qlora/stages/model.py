@@ -13,21 +13,26 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.config import ModelConfig, PerformanceConfig, QuantizationConfig
 from qlora.errors import QLoRAError
+from qlora.hub import prepare_hub_access, why_not_loaded
 
 log = logging.getLogger(__name__)
 
 
+def warn_about_remote_code(model: ModelConfig) -> None:
+    """Say that the model's own code will run; each command calls it before its first load of the model."""
+    if model.trust_remote_code:
+        log.warning("trust_remote_code=true: running code shipped with %s", model.name_or_path)
+
+
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    prepare_hub_access(model.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
     except OSError as error:
-        raise QLoRAError(
-            f"could not load the tokenizer of model.name_or_path={model.name_or_path}: it is neither a "
-            f"local model folder nor reachable on the Hugging Face Hub (offline, gated without a token, "
-            f"or misspelt). Details: {error}"
-        ) from error
+        raise QLoRAError(f"could not load the tokenizer of model.name_or_path={model.name_or_path}: "
+                         f"{why_not_loaded(model.name_or_path, error)}") from error
     if tokenizer.pad_token is None:
         set_pad_token(tokenizer)
     return tokenizer
@@ -87,8 +92,6 @@ def load_quantized_model(
     the weights over the processes.
     """
     check_device_support(model, quantization, device)
-    if model.trust_remote_code:
-        log.warning("model.trust_remote_code=true: running code shipped with %s", model.name_or_path)
     saved = saved_quantization(model)
     if saved is not None:
         # transformers loads a pre-quantized checkpoint with its own quantization_config and ignores
@@ -111,16 +114,22 @@ def load_quantized_model(
             **quantization_kwargs,
         )
     except OSError as error:
-        raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: {error}") from error
+        raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: "
+                         f"{why_not_loaded(model.name_or_path, error)}") from error
     keep_4bit_layout(loaded)
     return loaded
 
 
 def saved_quantization(model: ModelConfig) -> QuantizationConfig | None:
     """The quantization a pre-quantized bitsandbytes checkpoint was saved with, or None."""
-    config = AutoConfig.from_pretrained(
-        model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
-    )
+    prepare_hub_access(model.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except OSError as error:
+        raise QLoRAError(f"could not load the config.json of model.name_or_path={model.name_or_path}: "
+                         f"{why_not_loaded(model.name_or_path, error)}") from error
     saved = getattr(config, "quantization_config", None)
     if saved is None:
         return None
@@ -130,13 +139,26 @@ def saved_quantization(model: ModelConfig) -> QuantizationConfig | None:
             f"model.name_or_path={model.name_or_path} is quantized with {saved.get('quant_method')}; qlora "
             f"trains on bitsandbytes 4-bit or 8-bit bases. Use the unquantized model instead."
         )
-    if saved.get("load_in_8bit"):
+    return _as_quantization_config(saved)
+
+
+def loaded_quantization(model: PreTrainedModel, requested: QuantizationConfig) -> QuantizationConfig:
+    """The quantization a loaded model computes with: the requested one, or a pre-quantized checkpoint's own."""
+    used = getattr(model.config, "quantization_config", None)
+    if used is None:  # quantization.method=none
+        return requested
+    return _as_quantization_config(used if isinstance(used, dict) else used.to_dict())
+
+
+def _as_quantization_config(bnb: dict) -> QuantizationConfig:
+    """A bitsandbytes quantization_config (as config.json holds it) as the quantization group's values."""
+    if bnb.get("load_in_8bit"):
         return QuantizationConfig(method="int8", double_quant=False)
     return QuantizationConfig(
-        method=saved["bnb_4bit_quant_type"],
-        double_quant=saved["bnb_4bit_use_double_quant"],
-        compute_dtype=str(saved["bnb_4bit_compute_dtype"]).removeprefix("torch."),
-        quant_storage=str(saved["bnb_4bit_quant_storage"]).removeprefix("torch."),
+        method=bnb["bnb_4bit_quant_type"],
+        double_quant=bnb["bnb_4bit_use_double_quant"],
+        compute_dtype=str(bnb["bnb_4bit_compute_dtype"]).removeprefix("torch."),
+        quant_storage=str(bnb["bnb_4bit_quant_storage"]).removeprefix("torch."),
     )
 
 

@@ -8,7 +8,7 @@ taken from something only one process saw (a signal, a NaN in its gradient shard
 
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 from accelerate import PartialState
@@ -46,8 +46,8 @@ def share_run_dir(config: TrainConfig, state: PartialState) -> None:
         config.training.output_dir = chosen[0]
 
 
-def on_main_process(state: PartialState, action: Callable[[], T]) -> Optional[T]:
-    """Run `action` on the main process only; a QLoRAError it raises is raised on every process.
+def on_main_process(state: PartialState, action: Callable[[], T]) -> T:
+    """Run `action` on the main process only; its result, or the QLoRAError it raises, reaches every process.
 
     Otherwise the other processes would wait forever at the next collective for a main process that
     has already stopped (e.g. refusing to write into an occupied run folder).
@@ -59,7 +59,7 @@ def on_main_process(state: PartialState, action: Callable[[], T]) -> Optional[T]
         except QLoRAError as error:
             message = str(error)
     if state.num_processes > 1:
-        message = broadcast_object_list([message], from_process=0)[0]
+        result, message = broadcast_object_list([result, message], from_process=0)
     if message is not None:
         raise QLoRAError(message)
     return result

@@ -1,16 +1,14 @@
-"""What the terminal shows while training: one progress bar from the main process, and no library noise."""
+"""What the terminal shows while training: one progress bar from the main process (qlora.output quiets the
+libraries' own)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-import warnings
 from datetime import timedelta
 from typing import Optional, TextIO
 
-import datasets
-import transformers
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -40,8 +38,13 @@ class TokenRate:
         return self._rate
 
 
+# what the line shows of a preference method's metrics (KTO logs no reward accuracy): label, key, format
+PREFERENCE_SHOWN = (("margin", "rewards/margins", ".3f"), ("acc", "rewards/accuracies", ".2f"))
+
+
 class TrainingProgress(TrainerCallback):
-    """One bar with loss, lr, tokens/s and ETA (transformers' own bar and log printer are removed).
+    """One bar with loss, lr, tokens/s and ETA (and a preference method's reward margin and accuracy); transformers'
+    own bar and log printer are removed.
 
     Only the main process draws. When the output is not a terminal (a scheduler's log file), a bar's
     carriage returns would be noise, so each logging step is logged as one plain line instead (also
@@ -73,11 +76,16 @@ class TrainingProgress(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         if "eval_loss" in logs:
-            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+            preference = "".join(f", {label} {logs[f'eval_{key}']:{spec}}" for label, key, spec in PREFERENCE_SHOWN
+                                 if f"eval_{key}" in logs)
+            self._write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}{preference}")
         if "loss" not in logs:
             return
         now, tokens_per_s = time.perf_counter(), self.rate.at(state.global_step, logs.get("num_tokens"))
         shown = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0.0):.2e}"}
+        for name, key, spec in PREFERENCE_SHOWN:  # a preference method: is the chosen answer pulling ahead?
+            if key in logs:
+                shown[name] = format(logs[key], spec)
         if tokens_per_s is not None:
             shown["tok/s"] = f"{tokens_per_s:,.0f}"
         if self.bar is not None:
@@ -99,23 +107,3 @@ class TrainingProgress(TrainerCallback):
             self.bar.write(line, file=self.stream)
         else:
             log.info(line)
-
-
-def quiet_library_noise(is_main_process: bool) -> None:
-    """Silence what users cannot act on; keep real warnings.
-
-    Off: datasets' per-operation bars and transformers' weight-loading bar (each stage logs its time),
-    library-internal deprecation notices (they concern qlora's calls, not the user's), and torch's
-    pin_memory notice on machines without a GPU. Processes other than the main one print errors only,
-    so that N processes do not print N copies of every message.
-    """
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category,
-                                module=r"(transformers|trl|peft|accelerate|datasets|torch|bitsandbytes)(\.|$)")
-    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found")
-    if not is_main_process:
-        transformers.utils.logging.set_verbosity_error()
-        datasets.utils.logging.set_verbosity_error()
-        log.setLevel(logging.ERROR)

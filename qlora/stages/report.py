@@ -1,4 +1,5 @@
-"""report.md in a run folder: the start-up summary, the results, and a plot of loss and learning rate.
+"""report.md in a run folder: the start-up summary, the results, and a plot of loss and learning rate (and for a
+preference method, of the reward margin and accuracy).
 
 Everything is read back from the files the run wrote (metrics.jsonl, summary.json, startup_summary.json),
 so `python -m qlora.report` can regenerate a report, or compare runs, long after training.
@@ -83,7 +84,7 @@ def write_report(run_dir: Path) -> Path:
         lines.append("")
     lines += ["## Results", "", "| | |", "|---|---|"]
     lines += [f"| {label} | {value} |" for label, value in _results(record)]
-    lines += ["", "![training and eval loss, learning rate](report.png)", ""]
+    lines += ["", f"![{_plotted(record)}](report.png)", ""]
     path = record.run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -115,9 +116,18 @@ def write_comparison(run_dirs: list[Path], output: Path) -> Path:
 
 
 def plot_runs(records: list[RunRecord], path: Path) -> None:
-    """Training loss (lines) and eval loss (markers) above, learning rate below, one colour per run."""
-    figure = Figure(figsize=(8, 6), constrained_layout=True)
-    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    loss_figure(records).savefig(path, dpi=100)
+
+
+def loss_figure(records: list[RunRecord]) -> Figure:
+    """Training loss (lines) and eval loss (markers) above, learning rate below, one colour per run; for preference
+    runs also the reward margin and accuracy (training lines, eval markers). Titled with the run, and the loss on a
+    log scale when it spans more than a decade (else its end would be a flat line)."""
+    preference = any(_is_preference(record) for record in records)
+    figure = Figure(figsize=(8, 10 if preference else 6), constrained_layout=True)
+    figure.suptitle(records[0].name if len(records) == 1 else f"comparison of {len(records)} runs")
+    axes = figure.subplots(4 if preference else 2, 1, sharex=True, height_ratios=[2, 1, 1, 1] if preference else [2, 1])
+    loss_axes, lr_axes = axes[0], axes[-1]
     for index, record in enumerate(records):
         colour = f"C{index}"
         label = record.name if len(records) > 1 else "training"
@@ -127,13 +137,45 @@ def plot_runs(records: list[RunRecord], path: Path) -> None:
             loss_axes.plot([row["step"] for row in record.eval_rows], [row["eval_loss"] for row in record.eval_rows],
                            "o--", color=colour, label=f"{label} eval loss" if len(records) > 1 else "eval loss")
         lr_axes.plot(steps, [row.get("lr") or 0.0 for row in record.train_rows], color=colour)
+        if preference:
+            for axis, metric in zip(axes[1:3], ("rewards/margins", "rewards/accuracies")):
+                _plot_metric(axis, record, metric, colour, label, several=len(records) > 1)
+    losses = [row["loss"] for r in records for row in r.train_rows] + \
+        [row["eval_loss"] for r in records for row in r.eval_rows]
+    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):
+        loss_axes.set_yscale("log")
+    if preference:
+        axes[1].set_ylabel("reward margin")
+        axes[2].set_ylabel("reward accuracy")
+        for axis in axes[1:3]:
+            axis.legend(fontsize="small")
+            axis.grid(alpha=0.3)
     loss_axes.set_ylabel("loss")
     loss_axes.legend(fontsize="small")
     loss_axes.grid(alpha=0.3)
     lr_axes.set_ylabel("learning rate")
     lr_axes.set_xlabel("step")
     lr_axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    return figure
+
+
+def _plot_metric(axis, record: RunRecord, metric: str, colour: str, label: str, several: bool) -> None:
+    """A preference metric: logged training values as a line, those on the validation pairs as markers."""
+    trained = [row for row in record.train_rows if metric in row]
+    axis.plot([row["step"] for row in trained], [row[metric] for row in trained], color=colour, label=label)
+    evaluated = [row for row in record.eval_rows if f"eval_{metric}" in row]
+    if evaluated:
+        axis.plot([row["step"] for row in evaluated], [row[f"eval_{metric}"] for row in evaluated], "o--",
+                  color=colour, label=f"{label} validation pairs" if several else "validation pairs")
+
+
+def _is_preference(record: RunRecord) -> bool:
+    return any("rewards/margins" in row for row in record.train_rows)
+
+
+def _plotted(record: RunRecord) -> str:
+    return "training and eval loss, " + ("reward margin and accuracy, " if _is_preference(record) else "") + \
+        "learning rate"
 
 
 def _results(record: RunRecord) -> list[tuple[str, str]]:
@@ -143,6 +185,18 @@ def _results(record: RunRecord) -> list[tuple[str, str]]:
             ("best eval loss", f"{_number(best['eval_loss'])} (step {best['step']})" if best else "no validation set")]
     if s.get("exact_match_after") is not None:
         rows.append(("held-out exact match", f"{_percent(s.get('exact_match_before'))} -> {_percent(s['exact_match_after'])}"))
+    if s.get("skipped_steps") is not None:
+        rows.append(("skipped steps (NaN/inf)", f"{s['skipped_steps']} of {s.get('steps', '-')}"))
+    if s.get("preference_accuracy_after") is not None:
+        rows.append(("held-out preference accuracy",
+                     f"{_percent(s.get('preference_accuracy_before'))} -> {_percent(s['preference_accuracy_after'])} "
+                     f"(log-probability margin chosen - rejected {_number(s.get('preference_margin_before'), '.3f')} "
+                     f"-> {_number(s.get('preference_margin_after'), '.3f')})"))
+    rated = [row for row in record.eval_rows if "eval_rewards/margins" in row]
+    if rated:
+        rows.append(("final reward margin, accuracy on the validation pairs",
+                     f"{_number(rated[-1]['eval_rewards/margins'])}, {_percent(rated[-1]['eval_rewards/accuracies'])} "
+                     f"(step {rated[-1]['step']})"))
     rows += [("throughput", f"{_number(record.tokens_per_s(), ',.0f')} tokens/s (median over logging steps)"),
              ("peak memory", f"{_number(record.peak_memory_gib(), '.2f')} GiB"),
              ("wall time", _duration(record.wall_seconds()))]

@@ -17,7 +17,7 @@ from typing import Optional, TextIO
 import torch
 from transformers import TrainerCallback
 
-from qlora.config import TrainConfig, report_destinations
+from qlora.config import QuantizationConfig, TrainConfig, report_destinations
 from qlora.data.tokenization import DataStats
 from qlora.stages.model import describe_quantization
 from qlora.stages.trainer import peak_memory_gib
@@ -77,8 +77,10 @@ def startup_summary(
     world_size: int,
     run_dir: Path,
     resume_command: str,
+    quantization: Optional[QuantizationConfig] = None,
 ) -> StartupSummary:
-    """The summary of a run about to start; `training_rows` are the rows the trainer batches (after packing)."""
+    """The summary of a run about to start; `training_rows` are the rows the trainer batches (after packing);
+    `quantization` is the one the loaded model uses (a pre-quantized checkpoint's own), if not the config's."""
     t, lora, data = config.training, config.lora, config.data
     per_device = "auto (the largest that fits)" if t.batch_size == "auto" else str(t.batch_size)
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
@@ -86,7 +88,7 @@ def startup_summary(
     validation = f"; {validation_examples} validation examples" if validation_examples else ""
     return StartupSummary(
         model=f"{config.model.name_or_path} (dtype {config.model.dtype})",
-        quantization=describe_quantization(config.quantization),
+        quantization=_describe_used_quantization(config.quantization, quantization or config.quantization),
         lora=f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, on {targets}",
         trainable_parameters=trainable_parameters,
         total_parameters=total_parameters,
@@ -99,6 +101,10 @@ def startup_summary(
         output_dir=str(run_dir),
         resume_command=resume_command,
     )
+
+
+def _describe_used_quantization(requested: QuantizationConfig, used: QuantizationConfig) -> str:
+    return describe_quantization(used) + ("" if used == requested else " (the pre-quantized checkpoint's own)")
 
 
 def training_steps(config: TrainConfig, training_rows: int, world_size: int) -> int:

@@ -1,4 +1,5 @@
-"""Build TRL's SFTTrainer from the training group, and log metrics to metrics.jsonl."""
+"""Build training.method's TRL trainer (SFTTrainer, DPOTrainer, ORPOTrainer, KTOTrainer) from the training group,
+and log metrics to metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from typing import Optional, Sequence
 
 import datasets
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, ProgressCallback, TrainerCallback
-from trl import SFTConfig
+from transformers import (PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, ProgressCallback, Trainer,
+                          TrainerCallback, TrainingArguments)
+from trl import DPOConfig, KTOConfig, SFTConfig
 
 from qlora.config import PerformanceConfig, TrainConfig, report_destinations
 from qlora.errors import QLoRAError
-from qlora.stages.checkpoints import AtomicCheckpointTrainer
+from qlora.stages.checkpoints import atomic_trainer_class
 from qlora.stages.host_embeddings import EmbeddingsOnHost, keeps_embeddings_on_host
 from qlora.stages.memory import planned_batch_size
 from qlora.stages.offload import OffloadCheckpoints, offloads_checkpoints
@@ -28,11 +30,49 @@ from qlora.stages.progress import TokenRate, TrainingProgress
 log = logging.getLogger("qlora")
 
 
+def build_training_args(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False) -> TrainingArguments:
+    """The config of training.method's TRL trainer: SFTConfig, or DPOConfig, ORPOConfig, KTOConfig."""
+    if config.training.method == "sft":
+        return build_sft_config(config, checkpoints_dir, has_validation)
+    return build_preference_config(config, checkpoints_dir, has_validation)
+
+
 def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False) -> SFTConfig:
+    return SFTConfig(
+        **_shared_arguments(config, checkpoints_dir, has_validation),
+        max_length=config.data.max_length,
+        # qlora.data already tokenized, masked and truncated the examples; TRL packs them with the BFD
+        # strategy, padding-free with position ids so that packed examples never attend to each other
+        packing=config.data.packing,
+        activation_offloading=config.performance.activation_offloading,
+    )
+
+
+def build_preference_config(config: TrainConfig, checkpoints_dir: Path, has_validation: bool = False
+                            ) -> TrainingArguments:
+    """DPOConfig, ORPOConfig or KTOConfig: the same training group, and the method's beta. The reference of DPO and
+    KTO is the trained model itself, its adapter switched off (use_base_as_reference), never a second model."""
+    method = config.training.method
+    arguments = dict(_shared_arguments(config, checkpoints_dir, has_validation), beta=config.training.beta,
+                     max_length=config.data.max_length)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig  # TRL 1.16 keeps ORPO among its experimental trainers
+
+        return ORPOConfig(**arguments)
+    arguments["activation_offloading"] = config.performance.activation_offloading
+    if method == "kto":
+        # KTOTrainer estimates its KL term from each completion paired with its neighbour's prompt in a batch read in
+        # order; qlora.data shuffled the rows once, with training.seed, instead
+        return KTOConfig(**arguments, train_sampling_strategy="sequential")
+    return DPOConfig(**arguments)
+
+
+def _shared_arguments(config: TrainConfig, checkpoints_dir: Path, has_validation: bool) -> dict:
+    """TrainingArguments from the training group, the same for every method."""
     t = config.training
     batch_size = planned_batch_size(config)
     compute_dtype = config.quantization.compute_dtype
-    return SFTConfig(
+    return dict(
         output_dir=str(checkpoints_dir),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
@@ -64,10 +104,6 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
         save_total_limit=t.save_total_limit,
-        max_length=config.data.max_length,
-        # qlora.data already tokenized, masked and truncated the examples; TRL packs them with the BFD
-        # strategy, padding-free with position ids so that packed examples never attend to each other
-        packing=config.data.packing,
         eval_strategy="steps" if has_validation else "no",
         eval_steps=t.eval_steps,
         per_device_eval_batch_size=batch_size,
@@ -75,7 +111,6 @@ def build_sft_config(config: TrainConfig, checkpoints_dir: Path, has_validation:
         run_name=f"{checkpoints_dir.parent.parent.name}/{checkpoints_dir.parent.name}",  # e.g. tiny/<date_time>
         use_liger_kernel=uses_liger_kernel(config.performance),
         liger_kernel_config=LIGER_LAYER_KERNELS,
-        activation_offloading=config.performance.activation_offloading,
         # transformers makes its own accelerate state; on a machine without a GPU it must ask for the CPU,
         # or processes started by `accelerate launch` would each train alone instead of joining over gloo
         use_cpu=not torch.cuda.is_available(),
@@ -120,18 +155,21 @@ def build_trainer(
     eval_dataset: datasets.Dataset | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     resuming: bool = False,
-) -> AtomicCheckpointTrainer:
+) -> Trainer:
+    """training.method's TRL trainer over the prepared model and data, with qlora's callbacks."""
     direct_loggers_to(run_dir, report_destinations(config.training))
     rate = TokenRate()  # one measurement per logging step, for metrics.jsonl and the progress line alike
-    trainer = AtomicCheckpointTrainer(
+    trainer = atomic_trainer_class(config.training.method)(
         model=model,
-        args=build_sft_config(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
+        args=build_training_args(config, run_dir / "checkpoints", has_validation=eval_dataset is not None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[MetricsFile(run_dir / "metrics.jsonl", append=resuming, rate=rate), *callbacks],
         qlora_config=config,
     )
+    if config.model.adapter is None:
+        use_base_as_reference(trainer.model)
     if offloads_checkpoints(config, on_gpu=torch.cuda.is_available(), sharded=uses_fsdp()):
         trainer.add_callback(OffloadCheckpoints())
     if keeps_embeddings_on_host(config, on_gpu=torch.cuda.is_available(), processes=trainer.args.world_size):
@@ -147,6 +185,18 @@ def build_trainer(
             if param.requires_grad:
                 param.data = param.data.float()
     return trainer
+
+
+def use_base_as_reference(model: PreTrainedModel) -> None:
+    """Make the reference of DPO and KTO the 4-bit base with the adapter switched off.
+
+    Given a PeftModel, TRL 1.16 copies its adapter into a frozen "ref" adapter and computes the reference with it,
+    for an adapter trained before (with model.adapter that is what qlora keeps: the reference is base + that adapter).
+    A new adapter adds nothing to the base (lora_B starts at zero), so the copy is dropped: TRL then computes the
+    reference under disable_adapter(), with no second adapter in memory and no LoRA in the reference's forward pass.
+    """
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
 
 
 # What the user set before qlora ran; a later run in the same process must not inherit an earlier run's folder.
@@ -176,9 +226,16 @@ def direct_loggers_to(run_dir: Path, destinations: Sequence[str] = ()) -> None:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
+# What the preference trainers log besides the loss: the implicit rewards of the chosen and rejected answers (DPO,
+# KTO: beta x the log-probability ratio to the reference; ORPO: beta x the log-probability), their margin and how
+# often the chosen one wins, the log-probabilities, and KTO's KL estimate, ORPO's NLL and log odds ratio.
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                      "logps/rejected", "kl", "nll_loss", "log_odds_ratio")
+
+
 class MetricsFile(TrainerCallback):
     """Append each logged step to metrics.jsonl: loss, lr, grad norm, tokens/s (none at a run's first logging
-    step) and peak memory."""
+    step), peak memory, and a preference method's metrics (PREFERENCE_METRICS; eval_ ones on the validation set)."""
 
     def __init__(self, path: Path, append: bool = False, rate: Optional[TokenRate] = None):
         self.path = path
@@ -192,8 +249,9 @@ class MetricsFile(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "eval_loss" in logs:
+            evaluated = {f"eval_{name}": logs[f"eval_{name}"] for name in PREFERENCE_METRICS if f"eval_{name}" in logs}
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"]}) + "\n")
+                f.write(json.dumps({"step": state.global_step, "eval_loss": logs["eval_loss"], **evaluated}) + "\n")
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         record = {
@@ -204,6 +262,7 @@ class MetricsFile(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens_per_s": self.rate.at(state.global_step, logs.get("num_tokens")),
             "peak_memory_gib": peak_memory_gib(),
+            **{name: logs[name] for name in PREFERENCE_METRICS if name in logs},
         }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

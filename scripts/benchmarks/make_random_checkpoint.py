@@ -1,6 +1,7 @@
 """Write a randomly initialised checkpoint of a real architecture, for GPU runs without downloads.
 
     python scripts/benchmarks/make_random_checkpoint.py llama2-7b /tmp/llama2-7b
+    python scripts/benchmarks/make_random_checkpoint.py codellama-34b /tmp/codellama-34b   # 68 GB
 
 Built on the GPU in bf16 and saved as sharded safetensors, with the shipped tiny tokenizer (its ids
 fit every vocabulary here). Speed and memory do not depend on the weights' values.
@@ -27,6 +28,12 @@ ARCHITECTURES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                       rms_norm_eps=1e-5, rope_theta=500000.0),
+    "llama2-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=10000.0),
+    "codellama-34b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,
+                          num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=16384,
+                          rms_norm_eps=1e-5, rope_theta=1000000.0),
 }
 
 
@@ -49,8 +56,10 @@ def main() -> None:
     config = LlamaConfig(**ARCHITECTURES[args.architecture], bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
+    # built in bf16 directly: a 34B model in float32 would need 136 GB of the GPU
+    torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config)
     model.save_pretrained(args.output_dir, max_shard_size="5GB")
     tokenizer.save_pretrained(args.output_dir)
     print(f"{args.architecture}: {model.num_parameters() / 1e9:.2f}B parameters written to {args.output_dir} "

@@ -42,6 +42,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="every recipe's LoRA dropout")
     parser.add_argument("--data", default="random", choices=["random", "sentiment"],
                         help="random token sequences of --seq tokens, or the shipped sentiment rows (structured)")
+    parser.add_argument("--method", default="sft", choices=["sft", "dpo"],
+                        help="sft, or dpo: TRL's DPOTrainer on pairs whose two sides are --seq tokens each")
     parser.add_argument("--gpu-memory", type=memory_bytes, default=None,
                         help="cap each recipe's process at this much GPU memory (e.g. 24GiB): a smaller card")
     parser.add_argument("--memory-peak", action="store_true",
@@ -55,7 +57,7 @@ def worker_command(args: argparse.Namespace, checkpoint: Path, result_file: Path
     """The worker arguments of add_worker_arguments, for one recipe at one batch and sequence length."""
     command = ["--checkpoint", str(checkpoint), "--result-file", str(result_file), "--seq", str(seq),
                "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--lora-dropout", str(args.lora_dropout), "--data", args.data]
+               "--lora-dropout", str(args.lora_dropout), "--data", args.data, "--method", args.method]
     return command + ([f"--gpu-memory={args.gpu_memory}B"] if args.gpu_memory else []) + \
         (["--memory-peak"] if args.memory_peak else [])
 
@@ -81,7 +83,10 @@ def measure(args: argparse.Namespace, recipe: Callable, device: str) -> dict:
     load_peak = peak_gib(device)
     footprint = model.get_memory_footprint() / 2**30
     rows = args.batch * args.steps
-    dataset = random_tokens(model.config.vocab_size, args.seq, rows) if args.data == "random" else sentiment(rows)
+    if args.method == "dpo":
+        dataset = random_pairs(args.seq, rows)
+    else:
+        dataset = random_tokens(model.config.vocab_size, args.seq, rows) if args.data == "random" else sentiment(rows)
     trainer = build_trainer(dataset)
     timer = StepTimer(device)
     trainer.add_callback(timer)
@@ -100,16 +105,18 @@ def measure(args: argparse.Namespace, recipe: Callable, device: str) -> dict:
         return {**row, "error": f"out of memory: {error}"[:300], "peak_gib": peak_gib(device)}
     all_steps = timer.seconds
     median = statistics.median(all_steps[args.warmup:] or all_steps)
+    sequences = 2 if args.method == "dpo" else 1  # a pair's chosen and rejected sequences
     return {
         **row,
-        "tokens_per_s": args.batch * args.seq / median,
+        "method": args.method,
+        "tokens_per_s": sequences * args.batch * args.seq / median,
         "median_step_s": median,
         "step_seconds": all_steps,
         "peak_gib": peak_gib(device),
         "load_s": load_seconds,
         "load_peak_gib": load_peak,
         "footprint_gib": footprint,
-        "flops_per_token": flops_per_token(model.config, args.seq),
+        "flops_per_token": flops_per_token(model.config, args.seq, reference_pass=args.method == "dpo"),
         "losses": [loss.item() for loss in recorded_losses],
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "gpu_memory_cap_gib": args.gpu_memory / 2**30 if args.gpu_memory else None,
@@ -150,15 +157,36 @@ def sentiment(rows: int):
     return datasets.Dataset.from_dict({"input_ids": ids})
 
 
-def flops_per_token(config, seq: int) -> float:
+def random_pairs(seq: int, rows: int):
+    """Preference pairs of random words from the shipped sentiment rows, each side longer than `seq` tokens, so that
+    DPOTrainer's collator cuts both to exactly `seq`: a prompt of seq/4 words (at most a few tokens each, so
+    shorter than `seq`: DPOTrainer drops a pair whose prompt fills it) and two answers of `seq` words."""
+    import datasets
+
+    source = datasets.load_dataset("json", data_files=str(ASSETS_DIR / "sentiment" / "train.jsonl"), split="train")
+    words = sorted({word for row in source for word in row["input"].split()})
+    generator = torch.Generator().manual_seed(0)
+
+    def text(count: int) -> str:
+        return " ".join(words[i] for i in torch.randint(len(words), (count,), generator=generator).tolist())
+
+    return datasets.Dataset.from_dict({"prompt": [text(seq // 4) for _ in range(rows)],
+                                       "chosen": [text(seq) for _ in range(rows)],
+                                       "rejected": [text(seq) for _ in range(rows)]})
+
+
+def flops_per_token(config, seq: int, reference_pass: bool = False) -> float:
     """Training FLOPs per token with recomputation: 6 x parameters (forward, recompute, input gradients of
-    the frozen base; LoRA's weight gradients are negligible) plus causal attention's two matmuls."""
+    the frozen base; LoRA's weight gradients are negligible) plus causal attention's two matmuls; DPO's
+    reference forward pass (`reference_pass`) adds one forward more."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * config.intermediate_size
     params = layers * per_layer + 2 * config.vocab_size * hidden
     attention = 4 * layers * seq * hidden  # QK^T and AV, 2 FLOPs per MAC, half masked: per pass
-    return 6 * params + 3 * attention
+    # forward, recompute, backward (input gradients only: the base is frozen), and DPO's reference forward
+    passes = 4 if reference_pass else 3
+    return 2 * passes * params + passes * attention
 
 
 def peak_gib(device: str) -> float:
