@@ -8,7 +8,7 @@ from pathlib import Path
 
 import datasets
 
-from qlora.config import PREFERENCE_FORMATS, DatasetSource
+from qlora.config import PREFERENCE_FORMATS, DataConfig, DatasetSource
 from qlora.data.files import RowOrigins, Rows, read_local
 from qlora.data.formats import detect_format, to_trl_example
 from qlora.errors import QLoRAError
@@ -39,6 +39,16 @@ class FormattedRows:
     def locate(self, index: int) -> str:
         """The file and line (or row) that row `index` of `dataset` came from."""
         return self.origins.locate(self.kept[index] if self.kept is not None else index)
+
+
+def data_sources(data: DataConfig) -> list[DatasetSource]:
+    """data.datasets, or else the one dataset of data.path."""
+    if data.datasets:
+        if data.path is not None:
+            log.info("data.datasets is set: training on its %d datasets, not on data.path", len(data.datasets))
+        return list(data.datasets)
+    assert data.path is not None  # validate() requires path or datasets
+    return [DatasetSource(path=data.path, format=data.format, split=data.split, columns=data.columns)]
 
 
 def load_sft_dataset(path: str, format: str = "auto") -> datasets.Dataset:

@@ -19,8 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from trl.data_utils import common_prefix_length, unpair_preference_dataset
 
 from qlora.config import DataConfig, DatasetSource
-from qlora.data.load import load_formatted
-from qlora.data.prepare import data_sources
+from qlora.data.load import data_sources, load_formatted
 from qlora.data.templates import resolve_chat_template
 from qlora.data.tokenization import IGNORE, DataStats
 

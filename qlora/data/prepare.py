@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import datasets
 from accelerate import PartialState
 from transformers import PreTrainedTokenizerBase
 
 from qlora.config import DataConfig, DatasetSource
-from qlora.data.load import FormattedRows, load_formatted
+from qlora.data.load import FormattedRows, data_sources, load_formatted
 from qlora.data.masks import describe_chat_masking
+from qlora.data.preference import PreferenceData, prepare_preference_data
 from qlora.data.templates import resolve_chat_template
 from qlora.data.tokenization import DataStats, TokenizeOptions, length_percentiles, tokenize_dataset
-
-if TYPE_CHECKING:
-    from qlora.data.preference import PreferenceData
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +39,11 @@ class _TokenizedSource:
     chat_masking: str | None
 
 
-def data_sources(data: DataConfig) -> list[DatasetSource]:
-    """data.datasets, or else the one dataset of data.path."""
-    if data.datasets:
-        if data.path is not None:
-            log.info("data.datasets is set: training on its %d datasets, not on data.path", len(data.datasets))
-        return list(data.datasets)
-    assert data.path is not None  # validate() requires path or datasets
-    return [DatasetSource(path=data.path, format=data.format, split=data.split, columns=data.columns)]
-
-
 def prepare_training_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
                           method: str = "sft") -> SFTData | PreferenceData:
     """The data stage of training.method: tokenized examples for SFT, checked pairs for the preference trainers."""
     if method == "sft":
         return prepare_sft_data(data, tokenizer, seed)
-    from qlora.data.preference import prepare_preference_data  # imported here: it builds on data_sources above
-
     return prepare_preference_data(data, tokenizer, seed, method)
 
 
