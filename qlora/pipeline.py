@@ -317,7 +317,7 @@ def _heldout_examples(config: TrainConfig, data: SFTData | PreferenceData) -> da
                  "python -m qlora.evaluate run=%s data.path=%s", config.training.output_dir, path)
         return None
     if isinstance(data, PreferenceData):
-        return heldout_pairs(path, samples, config.training.method)
+        return heldout_pairs(path, samples)
     return heldout_examples(path, samples, data.formats)
 
 

@@ -246,3 +246,22 @@ def test_orpo_and_kto_train_with_their_own_metrics(tiny_config, method, metrics)
     for name in ("rewards/chosen", "rewards/rejected"):
         assert any(name in row for row in rows), name
     assert summary.preference_accuracy_after is not None and adapter_tensor_names(Path(summary.adapter_dir))
+
+
+def test_a_held_out_file_without_pairs_is_skipped_with_one_line(tiny_config, tmp_path, caplog):
+    """The tiny SFT recipe with the user's pairs: its held-out file (alpaca rows) goes with its own data, so a DPO run
+    skips the check saying why, as an SFT run does with another shape's file; so does a file of unpaired completions."""
+    from qlora.stages.heldout import heldout_pairs
+
+    unpaired = tmp_path / "unpaired.jsonl"
+    unpaired.write_text(json.dumps({"prompt": "How was it?", "completion": "Great.", "label": True}) + "\n")
+    with caplog.at_level("INFO", logger="qlora"):
+        assert heldout_pairs(str(unpaired), 4) is None
+        pairs = ASSETS_DIR / "examples" / "preference.jsonl"
+        summary = run_training(tiny_config("training.method=dpo", f"data.path={pairs}", "training.max_steps=2",
+                                           *SHORT[:3]))
+    skipped = [record.getMessage() for record in caplog.records if "held-out check skipped" in record.getMessage()]
+    assert len(skipped) == 2 and "unpaired.jsonl holds no pairs" in skipped[0]
+    assert "sentiment/heldout.jsonl holds no pairs (its columns: instruction, input, output)" in skipped[1]
+    assert summary.exact_match_before is None and Path(summary.adapter_dir).is_dir()
+    assert len(heldout_pairs(str(PAIRS / "heldout.jsonl"), 4)) == 4  # the tiny_dpo recipe's own pairs are checked

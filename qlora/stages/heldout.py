@@ -14,12 +14,11 @@ import datasets
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from qlora.config import DatasetSource
-from qlora.data.formats import TRL_SHAPES
-from qlora.data.load import load_formatted
+from qlora.config import METHOD_FORMATS, DatasetSource
+from qlora.data.formats import REQUIRED_FIELDS, TRL_SHAPES
+from qlora.data.load import load_formatted, read_rows
 from qlora.data.preference import preference_sequences
 from qlora.data.tokenization import IGNORE
-from qlora.errors import QLoRAError
 from qlora.stages.host_embeddings import on_device
 
 log = logging.getLogger("qlora")
@@ -58,15 +57,20 @@ def heldout_examples(path: Optional[str], samples: int, training_formats: list[s
     return heldout.dataset.select(range(min(samples, len(heldout.dataset))))
 
 
-def heldout_pairs(path: Optional[str], samples: int, method: str) -> Optional[datasets.Dataset]:
+def heldout_pairs(path: Optional[str], samples: int) -> Optional[datasets.Dataset]:
     """The first `samples` held-out pairs of a preference method, read in their own format (as heldout_examples
-    reads SFT rows)."""
+    reads SFT rows); None (saying why) when the file holds no pairs: a recipe's held-out file goes with the
+    recipe's data, which data.path may have replaced, and unpaired completions have no second answer to compare."""
     if path is None or samples == 0:
         return None
-    heldout = load_formatted(DatasetSource(path=path), method=method).dataset
-    if "chosen" not in heldout.column_names:
-        raise QLoRAError(f"data.heldout_path={path} holds unpaired completions, but the held-out check compares the "
-                         f"two answers of a pair: give prompt/chosen/rejected pairs, or data.heldout_path=null.")
+    columns = read_rows(path).dataset.column_names
+    if not any(all(field in columns for field in REQUIRED_FIELDS[name]) for name in METHOD_FORMATS["dpo"]):
+        log.info("held-out check skipped: data.heldout_path=%s holds no pairs (its columns: %s), and the preference "
+                 "check compares the two answers of a pair (a recipe's held-out file goes with the recipe's data); "
+                 "set data.heldout_path to held-out prompt/chosen/rejected pairs to check them",
+                 path, ", ".join(columns))
+        return None
+    heldout = load_formatted(DatasetSource(path=path), method="dpo").dataset
     return heldout.select(range(min(samples, len(heldout))))
 
 
