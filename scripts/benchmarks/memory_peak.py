@@ -4,6 +4,11 @@ torch's allocator records every allocation and free with the Python stack (torch
 replaying that trace finds the moment the allocated bytes peak and the blocks alive then. They are grouped by the
 innermost frame outside torch's own modules (qlora, peft, transformers, TRL, bitsandbytes, or Inductor's generated
 code), so that the report reads "1.00 GiB in 32 blocks from transformers/.../modeling_llama.py:123 forward".
+
+torch 2.11 cannot record under compiled code inside a gradient checkpoint: the first compiled layer's autograd
+Function fails with "SystemError: <built-in method apply of FunctionMeta> returned NULL without setting an exception"
+(pytorch/pytorch#179536, a regression from 2.10; seen on an H200 in two calls). Record qlora with its layers eager
+(`--recipes "qlora:performance.torch_compile=false"`), whose peak is not the compiled one's.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", type=memory_bytes, default=None,
                         help="cap each recipe's process at this much GPU memory (e.g. 24GiB): a smaller card")
     parser.add_argument("--memory-peak", action="store_true",
-                        help="record what is allocated at each recipe's peak GPU memory, and where (memory_peak.py)")
+                        help="record what is allocated at each recipe's peak GPU memory, and where (memory_peak.py); "
+                             "with torch 2.11 not under compiled layers (qlora:performance.torch_compile=false)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
