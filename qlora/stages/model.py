@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from peft import prepare_model_for_kbit_training
@@ -24,15 +25,19 @@ def warn_about_remote_code(model: ModelConfig) -> None:
         log.warning("trust_remote_code=true: running code shipped with %s", model.name_or_path)
 
 
-def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+def from_model_source(load: Callable, model: ModelConfig, what: str, **kwargs):
+    """`load`(model.name_or_path, revision, trust_remote_code, **kwargs) after the Hub check (qlora.hub), its
+    failure to find or read the files said in one line naming `what` and why."""
     prepare_hub_access(model.name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
+        return load(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code, **kwargs)
     except OSError as error:
-        raise QLoRAError(f"could not load the tokenizer of model.name_or_path={model.name_or_path}: "
+        raise QLoRAError(f"could not load {what}model.name_or_path={model.name_or_path}: "
                          f"{why_not_loaded(model.name_or_path, error)}") from error
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = from_model_source(AutoTokenizer.from_pretrained, model, "the tokenizer of ")
     if tokenizer.pad_token is None:
         set_pad_token(tokenizer)
     return tokenizer
@@ -103,33 +108,20 @@ def load_quantized_model(
     # A pre-quantized checkpoint must not even see quantization_config=None: transformers would then
     # load its packed 4-bit tensors as if they were plain weights.
     quantization_kwargs = {} if saved is not None else {"quantization_config": build_bnb_config(quantization)}
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            model.name_or_path,
-            revision=model.revision,
-            dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
-            device_map=None if sharded else {"": device},
-            attn_implementation=model.attn_implementation,
-            trust_remote_code=model.trust_remote_code,
-            **quantization_kwargs,
-        )
-    except OSError as error:
-        raise QLoRAError(f"could not load model.name_or_path={model.name_or_path}: "
-                         f"{why_not_loaded(model.name_or_path, error)}") from error
+    loaded = from_model_source(
+        AutoModelForCausalLM.from_pretrained, model, "",
+        dtype=model.dtype if model.dtype == "auto" else getattr(torch, model.dtype),
+        device_map=None if sharded else {"": device},
+        attn_implementation=model.attn_implementation,
+        **quantization_kwargs,
+    )
     keep_4bit_layout(loaded)
     return loaded
 
 
 def saved_quantization(model: ModelConfig) -> QuantizationConfig | None:
     """The quantization a pre-quantized bitsandbytes checkpoint was saved with, or None."""
-    prepare_hub_access(model.name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(
-            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
-    except OSError as error:
-        raise QLoRAError(f"could not load the config.json of model.name_or_path={model.name_or_path}: "
-                         f"{why_not_loaded(model.name_or_path, error)}") from error
+    config = from_model_source(AutoConfig.from_pretrained, model, "the config.json of ")
     saved = getattr(config, "quantization_config", None)
     if saved is None:
         return None
