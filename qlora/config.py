@@ -199,7 +199,8 @@ class PerformanceConfig:
     fused_lora: bool = True
     # under gradient checkpointing, the fused LoRA layers' recomputed forward keeps each dequantized 4-bit weight
     # for the backward pass that follows at once (qlora/stages/fused_lora.py): no second dequantization there, for
-    # one decoder layer's weights in the compute dtype (~0.4 GB for a 7B)
+    # one decoder layer's weights in the compute dtype (~0.4 GB for a 7B). Eager layers only: in compiled ones
+    # Inductor decides what is saved, and the switch changes neither memory nor speed (measured)
     reuse_recomputed_weights: bool = True
     # under gradient checkpointing on a GPU, the layer inputs the checkpoints keep (layers x tokens x hidden size)
     # go to pinned host memory, copied on a stream of their own while the GPU computes, and come back one layer
