@@ -45,9 +45,14 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "tool": "tool"}
 
 
+def matching_formats(columns: list[str]) -> list[str]:
+    """The formats whose required fields the columns have, in REQUIRED_FIELDS' order of preference."""
+    return [name for name, required in REQUIRED_FIELDS.items() if all(column in columns for column in required)]
+
+
 def detect_format(columns: list[str], method: str = "sft") -> str:
     """The first format of training.method=`method` whose fields the columns have."""
-    matching = [name for name, required in REQUIRED_FIELDS.items() if all(column in columns for column in required)]
+    matching = matching_formats(columns)
     for name in matching:
         if name in METHOD_FORMATS[method]:
             return name

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from qlora.config import METHOD_FORMATS, DatasetSource
-from qlora.data.formats import REQUIRED_FIELDS, TRL_SHAPES
+from qlora.data.formats import TRL_SHAPES, matching_formats
 from qlora.data.load import load_formatted, read_rows
 from qlora.data.preference import preference_sequences
 from qlora.data.tokenization import IGNORE
@@ -64,7 +64,7 @@ def heldout_pairs(path: Optional[str], samples: int) -> Optional[datasets.Datase
     if path is None or samples == 0:
         return None
     columns = read_rows(path).dataset.column_names
-    if not any(all(field in columns for field in REQUIRED_FIELDS[name]) for name in METHOD_FORMATS["dpo"]):
+    if not set(matching_formats(columns)) & set(METHOD_FORMATS["dpo"]):
         log.info("held-out check skipped: data.heldout_path=%s holds no pairs (its columns: %s), and the preference "
                  "check compares the two answers of a pair (a recipe's held-out file goes with the recipe's data); "
                  "set data.heldout_path to held-out prompt/chosen/rejected pairs to check them",
