@@ -7,17 +7,17 @@ import torch
 
 from conftest import tiny_lora_model
 from qlora.stages import fused_lora
-from qlora.stages.chunked_mlp import _run_in_chunks, chunk_mlps
+from qlora.stages.chunked_mlp import _chunk_forward, _compiled_chunk_forward, _run_in_chunks, chunk_mlps
 from qlora.stages.model import load_quantized_model
 
 CPU = torch.device("cpu")
 TOKENS = 2 * 24  # the batch of _step; in chunks of 10: 5 chunks
 
 
-def _model(config, chunk_tokens: int = 0, checkpointing: bool = True):
+def _model(config, chunk_tokens: int = 0, checkpointing: bool = True, compiled: bool = False):
     model = tiny_lora_model(config, keep_for_backward=checkpointing, checkpointing=checkpointing)
     if chunk_tokens:
-        assert chunk_mlps(model, chunk_tokens) == 4
+        assert chunk_mlps(model, chunk_tokens, compiled=compiled) == 4
     return model
 
 
@@ -52,11 +52,13 @@ def test_chunks_compute_the_whole_mlp_and_run_it_twice_not_three_times(tiny_conf
         assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_dropout_masks_are_the_same_in_the_backward_pass(tiny_config):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dropout_masks_are_the_same_in_the_backward_pass(tiny_config, compiled):
     """With dropout the backward pass draws the forward pass's masks again: the gradients are those autograd
-    computes for the same chunks with the same random state."""
+    computes for the same chunks with the same random state. Compiled, the chunks' forward pass runs without
+    gradients and their backward pass with them, two compiled graphs that must draw the same masks."""
     config = tiny_config("lora.dropout=0.3")
-    model = _model(config, chunk_tokens=10, checkpointing=False)
+    model = _model(config, chunk_tokens=10, checkpointing=False, compiled=compiled)
     mlp = model.base_model.model.model.layers[1].mlp
     x = torch.randn(2, 24, 128, generator=torch.Generator().manual_seed(3))
     trained = [p for p in mlp.parameters() if p.requires_grad]
@@ -71,12 +73,32 @@ def test_dropout_masks_are_the_same_in_the_backward_pass(tiny_config):
         return out.detach(), found
 
     out, grads = gradients(lambda inputs: _run_in_chunks(mlp, inputs))
-    whole = type(mlp).forward
+    whole = _compiled_chunk_forward() if compiled else type(mlp).forward
     reference_out, reference = gradients(
         lambda inputs: torch.cat([whole(mlp, chunk) for chunk in inputs.reshape(-1, 128).split(10)]).view(2, 24, -1))
     assert torch.allclose(out, reference_out, atol=1e-6)
     for grad, expected in zip(grads, reference):
         assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_chunks_compute_the_whole_mlp_with_one_compilation_for_all_layers(tiny_config):
+    """With compiled decoder layers the chunks run compiled: the eager whole MLPs' loss and gradients, from code
+    compiled once for every layer's MLP (its cache holds entries per grad mode and chunk shape, not per layer)."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from qlora.stages.model import compile_decoder_layers
+
+    torch._dynamo.reset()
+    config = tiny_config("lora.dropout=0")
+    model = _model(config, chunk_tokens=10, compiled=True)
+    compile_decoder_layers(model)
+    loss, grads = _step(model)
+    compiled_entries = len(_debug_get_cache_entry_list(_chunk_forward.__code__))
+    assert 0 < compiled_entries < len(model.base_model.model.model.layers)
+    reference_loss, reference = _step(_model(config))
+    assert loss == pytest.approx(reference_loss, rel=1e-5)
+    for name, grad in reference.items():
+        assert torch.allclose(grads[name], grad, rtol=1e-3, atol=1e-5), name
 
 
 def test_short_inputs_and_inference_run_the_mlp_whole(tiny_config):

@@ -172,3 +172,33 @@ def test_chunked_mlp_computes_the_same_on_cuda(tiny_config):
         return _loss_and_gradients_on_cuda(config, lambda model: attach_training_adapters(model, config))
 
     _assert_same_up_to_bf16(run(64), run(0))
+
+
+def test_compiled_chunks_draw_the_same_dropout_masks_in_the_backward_pass_on_cuda(tiny_config):
+    """Compiled chunks with dropout on CUDA (Inductor's own random numbers): the chunked MLP's backward pass
+    recomputes each chunk with the forward pass's masks, so its gradients are autograd's for the same compiled
+    chunks run with gradients from the same random state."""
+    from qlora.stages.adapters import attach_training_adapters
+    from qlora.stages.chunked_mlp import _compiled_chunk_forward, _run_in_chunks
+
+    config = tiny_config(*GPU_SETTINGS, "lora.dropout=0.3", "performance.mlp_chunk_tokens=64")
+    model = attach_training_adapters(load_quantized_model(config.model, config.quantization, torch.device("cuda", 0)),
+                                     config).train()
+    mlp = model.base_model.model.model.layers[1].mlp
+    trained = [param for param in mlp.parameters() if param.requires_grad]
+    for param in trained:
+        param.data.normal_(0, 0.05)
+    x = torch.randn(2, 128, 128, device="cuda", dtype=torch.bfloat16)
+
+    def gradients(run):
+        inputs = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        run(inputs).float().pow(2).sum().backward()
+        found = [inputs.grad] + [param.grad.clone() for param in trained]
+        mlp.zero_grad()
+        return found
+
+    compiled = _compiled_chunk_forward()
+    reference = gradients(lambda inputs: torch.cat([compiled(mlp, chunk) for chunk in inputs.view(-1, 128).split(64)]))
+    for grad, expected in zip(gradients(lambda inputs: _run_in_chunks(mlp, inputs)), reference):
+        assert torch.linalg.norm(grad.float() - expected.float()) <= 1e-2 * torch.linalg.norm(expected.float())

@@ -61,7 +61,8 @@ def attach_training_adapters(model: PreTrainedModel, config: TrainConfig,
                         adapter=config.model.adapter)
     if performance.mlp_chunk_tokens and not sharded:
         log.info("performance.mlp_chunk_tokens: %d MLPs run in chunks of %d tokens on longer micro-batches",
-                 chunk_mlps(model, performance.mlp_chunk_tokens), performance.mlp_chunk_tokens)
+                 chunk_mlps(model, performance.mlp_chunk_tokens, compiled=performance.torch_compile),
+                 performance.mlp_chunk_tokens)
     if performance.torch_compile and not sharded:
         log.info("performance.torch_compile: %d decoder layers compiled", compile_decoder_layers(model))
     return model
