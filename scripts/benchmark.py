@@ -106,8 +106,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--unsloth-path", default=os.environ.get("QLORA_UNSLOTH_PATH", "/tmp/site_unsloth"),
                         help="the Python path that holds unsloth and the versions it pins")
     parser.add_argument("--max-context", action="store_true",
-                        help="the longest sequence that trains at batch 1: double from --seq until out of memory, "
-                             "then bisect to --max-context-step")
+                        help="the longest sequence that trains at batch 1: from --seq up (or down) by steps that "
+                             "double until a run fails (or trains), then bisect to --max-context-step")
+    parser.add_argument("--max-context-start", default={}, type=starts,
+                        help="RECIPE=TOKENS,...: where each recipe's search starts instead of --seq (e.g. near "
+                             "a peak measured at a shorter length, extrapolated)")
     parser.add_argument("--max-context-limit", type=int, default=1 << 20)
     parser.add_argument("--max-context-step", type=int, default=4096)
     parser.add_argument("--concurrent", action="store_true",
@@ -124,6 +127,14 @@ def parse_args() -> argparse.Namespace:
     args.extra_callbacks = [HostProfile(args.steps, Path(args.out) / f"host-profile-{name}.txt")] \
         if args.host_profile and args.worker else []
     return args
+
+
+def starts(text: str) -> dict[str, int]:
+    """'unsloth=98304,qlora=147456' -> {'unsloth': 98304, 'qlora': 147456}."""
+    try:
+        return {recipe: int(seq) for recipe, _, seq in (item.partition("=") for item in text.split(",") if item)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give RECIPE=TOKENS,RECIPE=TOKENS, e.g. unsloth=98304,qlora=147456")
 
 
 def available_recipes(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -188,18 +199,32 @@ def run_echoing(command: list[str], env: dict, prefix: str = "") -> tuple[int, l
 
 
 def longest_context(recipe: str, checkpoint: Path, args: argparse.Namespace, out: Path) -> dict:
-    """The longest sequence that trains at batch 1: double from --seq until a run fails (out of memory), then
-    bisect between the last that trained and the first that failed, to --max-context-step tokens."""
-    fitted, failed, seq = None, None, args.seq
-    while seq <= args.max_context_limit:
-        row = spawn_worker(recipe, checkpoint, args, out, 1, seq)
+    """The longest sequence that trains at batch 1, to --max-context-step tokens: from the recipe's start
+    (--max-context-start, else --seq), up by a step that doubles each time (1, 2, 4, ... x --max-context-step) while
+    runs train, or down the same way while they fail, then bisecting between the longest that trained and the
+    shortest that failed. Probes stay near a start near the answer: at 100k tokens and more each takes minutes."""
+    step = args.max_context_step
+    start = getattr(args, "max_context_start", {}).get(recipe, args.seq)
+
+    def probe(seq: int) -> dict:
+        return spawn_worker(recipe, checkpoint, args, out, 1, seq)
+
+    first = probe(start)
+    fitted, failed = (None, first) if "error" in first else (first, None)
+    jump = step
+    while not (fitted and failed):
+        seq = start + jump if failed is None else start - jump
+        if seq > args.max_context_limit or seq < step:
+            break
+        row = probe(seq)
         if "error" in row:
             failed = row
-            break
-        fitted, seq = row, seq * 2
-    while fitted and failed and failed["seq"] - fitted["seq"] > args.max_context_step:
-        middle = (fitted["seq"] + failed["seq"]) // 2 // args.max_context_step * args.max_context_step
-        row = spawn_worker(recipe, checkpoint, args, out, 1, middle)
+        else:
+            fitted = row
+        jump *= 2
+    while fitted and failed and failed["seq"] - fitted["seq"] > step:
+        middle = fitted["seq"] + (failed["seq"] - fitted["seq"]) // 2 // step * step
+        row = probe(middle)
         fitted, failed = (fitted, row) if "error" in row else (row, failed)
     return {"recipe": recipe, "longest_seq": fitted["seq"] if fitted else None, "longest": fitted, "failed": failed}
 
@@ -417,8 +442,9 @@ def memory_cap(args: argparse.Namespace) -> str:
 
 
 def render_max_context(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"model {args.model}: longest sequence that trains at batch 1 (doubling from {args.seq}, then bisecting "
-             f"to {args.max_context_step} tokens; {args.steps} steps each){memory_cap(args)}"
+    start = ", ".join(f"{recipe} {seq}" for recipe, seq in args.max_context_start.items()) or str(args.seq)
+    lines = [f"model {args.model}: longest sequence that trains at batch 1 (from {start} by doubling steps, then "
+             f"bisecting to {args.max_context_step} tokens; {args.steps} steps each){memory_cap(args)}"
              + ("; the recipes' searches ran at once on one GPU: their tokens/s are not comparable" if args.concurrent
                 else ""), "",
              "| recipe | longest seq | peak GiB there | tokens/s there | shortest that failed |",

@@ -1,5 +1,6 @@
 """The performance group: each switch does what it says, and the CPU paths compute the same function."""
 
+import argparse
 import gc
 import logging
 import math
@@ -366,7 +367,12 @@ def _benchmark_module():
     return module
 
 
-def test_longest_context_doubles_then_bisects_to_the_step(monkeypatch):
+@pytest.mark.parametrize("start, probes", [
+    (8192, [8192, 12288, 16384, 24576, 40960, 73728, 139264, 106496, 90112, 81920, 86016]),  # up from below
+    (98304, [98304, 94208, 90112, 81920, 86016]),  # down from above
+    (86016, [86016, 90112]),  # at the answer: two probes
+])
+def test_longest_context_steps_out_by_doubling_steps_then_bisects(monkeypatch, start, probes):
     benchmark = _benchmark_module()
     tried = []
 
@@ -375,25 +381,33 @@ def test_longest_context_doubles_then_bisects_to_the_step(monkeypatch):
         return {"recipe": recipe, "seq": seq, **({"error": "out of memory"} if seq > 90_000 else {})}
 
     monkeypatch.setattr(benchmark, "spawn_worker", run)
-    args = types.SimpleNamespace(seq=8192, max_context_limit=1 << 20, max_context_step=4096)
+    args = types.SimpleNamespace(seq=4096, max_context_start={"qlora": start, "unsloth": 1},
+                                 max_context_limit=1 << 20, max_context_step=4096)
     result = benchmark.longest_context("qlora", None, args, None)
-    assert tried == [8192, 16384, 32768, 65536, 131072, 98304, 81920, 90112, 86016]
+    assert tried == probes
     assert result["longest_seq"] == 86016 and result["failed"]["seq"] == 90112
+
+
+def test_max_context_starts_are_parsed_or_refused():
+    benchmark = _benchmark_module()
+    assert benchmark.starts("unsloth=98304,qlora=147456") == {"unsloth": 98304, "qlora": 147456}
+    with pytest.raises(argparse.ArgumentTypeError, match="RECIPE=TOKENS"):
+        benchmark.starts("qlora:147456")
 
 
 def test_longest_context_of_every_recipe_at_once_on_the_cpu(tmp_path):
     """--max-context --concurrent: both recipes' searches run side by side (each probe a process of its own);
-    on the CPU nothing runs out of memory, so each search doubles up to --max-context-limit."""
+    on the CPU nothing runs out of memory, so each search steps up to --max-context-limit."""
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--steps", "2",
-         "--warmup", "1", "--recipes", "plain,qlora", "--max-context", "--concurrent", "--max-context-limit", "64",
-         "--out", str(tmp_path)],
+         "--warmup", "1", "--recipes", "plain,qlora", "--max-context", "--concurrent", "--max-context-limit", "48",
+         "--max-context-step", "16", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "[plain 64] " in done.stdout and "[qlora 32] " in done.stdout  # each worker's lines say whose they are
+    assert "[plain 48] " in done.stdout and "[qlora 32] " in done.stdout  # each worker's lines say whose they are
     report = (tmp_path / "benchmark.md").read_text()
-    assert "| plain | 64 |" in report and "| qlora | 64 |" in report and "not comparable" in report
+    assert "| plain | 48 |" in report and "| qlora | 48 |" in report and "not comparable" in report
 
 
 def test_a_failed_worker_says_why_in_its_row(monkeypatch, capsys):
@@ -431,8 +445,6 @@ def test_memory_peak_names_the_code_of_the_blocks_alive_at_the_peak():
 
 def test_gpu_memory_sizes_are_read_as_the_issue_writes_them():
     sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
-    import argparse
-
     from training_run import memory_bytes
 
     assert memory_bytes("24GiB") == 24 * 2**30 and memory_bytes("80GB") == 80 * 10**9
