@@ -212,6 +212,10 @@ class PerformanceConfig:
     # a micro-batch of more tokens than this runs each decoder layer's MLP in chunks of this many tokens, so that
     # no tokens x intermediate-size tensor exists at once (qlora/stages/chunked_mlp.py); 0 runs it whole
     mlp_chunk_tokens: int = 4096
+    # TRL's fused LM head computes the gradient of each token's log-probability in its forward pass, from the
+    # logits it has there, instead of projecting onto the vocabulary again in the backward pass
+    # (qlora/stages/lm_head.py): two vocabulary projections per step instead of three, in tiles of the same size
+    lm_head_gradient_in_forward: bool = True
     # keep every activation saved for backward in CPU memory (TRL's activation offloading): longer sequences
     # still than offload_checkpoints alone, at a speed cost
     activation_offloading: bool = False

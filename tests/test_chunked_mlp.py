@@ -83,7 +83,8 @@ def test_dropout_masks_are_the_same_in_the_backward_pass(tiny_config, compiled):
 
 def test_compiled_chunks_compute_the_whole_mlp_with_one_compilation_for_all_layers(tiny_config):
     """With compiled decoder layers the chunks run compiled: the eager whole MLPs' loss and gradients, from code
-    compiled once for every layer's MLP (its cache holds entries per grad mode and chunk shape, not per layer)."""
+    compiled once for every layer's MLP (its cache holds entries per grad mode and chunk shape, not per layer, nor
+    per step for the weights each pass dequantizes anew)."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from qlora.stages.model import compile_decoder_layers
@@ -95,6 +96,9 @@ def test_compiled_chunks_compute_the_whole_mlp_with_one_compilation_for_all_laye
     loss, grads = _step(model)
     compiled_entries = len(_debug_get_cache_entry_list(_chunk_forward.__code__))
     assert 0 < compiled_entries < len(model.base_model.model.model.layers)
+    model.zero_grad()
+    assert _step(model)[0] == loss
+    assert len(_debug_get_cache_entry_list(_chunk_forward.__code__)) == compiled_entries
     reference_loss, reference = _step(_model(config))
     assert loss == pytest.approx(reference_loss, rel=1e-5)
     for name, grad in reference.items():
@@ -112,17 +116,24 @@ def test_short_inputs_and_inference_run_the_mlp_whole(tiny_config):
     assert calls == [4 * 24]
 
 
-def test_each_weight_is_dequantized_once_per_pass_for_all_chunks(tiny_config, monkeypatch):
-    dequantized = []
-    dequantize = fused_lora._dequantize_with_bitsandbytes
+@pytest.mark.parametrize("compiled", [False, True])
+def test_each_weight_is_dequantized_once_per_pass_for_all_chunks(tiny_config, monkeypatch, compiled):
+    """Eager or compiled, the chunks compute with the weights dequantized on entry to the pass: no chunk
+    dequantizes or runs the 4-bit matmul itself (compiled: none is in the traced graph)."""
+    dequantized, matmuls = [], []
+    dequantize, base_matmul = fused_lora._dequantize_with_bitsandbytes, fused_lora._base_matmul
     monkeypatch.setattr(fused_lora, "_dequantize_with_bitsandbytes",
                         lambda weight, *args: dequantized.append(weight) or dequantize(weight, *args))
-    model = _model(tiny_config("lora.dropout=0"), chunk_tokens=10)
+    monkeypatch.setattr(fused_lora, "_base_matmul",
+                        lambda x, weight, *args: matmuls.append(weight) or base_matmul(x, weight, *args))
+    torch._dynamo.reset()
+    model = _model(tiny_config("lora.dropout=0"), chunk_tokens=10, compiled=compiled)
     mlp_weights = {id(m.base_layer.weight) for layer in model.base_model.model.model.layers
                    for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)}
     _step(model)
     mlp_dequantized = [id(w) for w in dequantized if id(w) in mlp_weights]
     assert len(mlp_dequantized) == 2 * len(mlp_weights)  # the forward pass and the backward pass, not per chunk
+    assert not [w for w in matmuls if id(w) in mlp_weights]
 
 
 def test_the_switch_reaches_the_layers_and_off_leaves_them(tiny_config, caplog):

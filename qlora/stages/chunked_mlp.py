@@ -6,11 +6,10 @@ The MLP acts on every token alone, so it can run on a few thousand tokens at a t
 more tokens than the chunk size runs chunk by chunk without keeping anything but its input; its backward pass runs
 the forward again, chunk by chunk, each chunk's forward and backward before the next (the same dropout masks, from
 the same random state), and adds up the adapters' gradients, so no full tokens x intermediate tensor ever exists.
-Eager, each 4-bit weight is dequantized once per pass for all the chunks (fused_lora.dequantizing_once), not per
-chunk. With compiled decoder layers (`compiled`, performance.torch_compile) each chunk runs through one compiled
-function that serves every layer: eager, the MLP's elementwise work (SiLU, products, dropout, the LoRA adds) is a
-kernel each over chunk x intermediate tensors, which cost an H200 18% of a Llama-2-7B step in two chunks of 2,048
-tokens; there the dequantization is fused into the chunk's compiled code (performance.compiled_dequantize).
+Each 4-bit weight is dequantized once per pass for all the chunks (fused_lora.dequantized_weights), not per chunk.
+With compiled decoder layers (`compiled`, performance.torch_compile) each chunk runs through one compiled function
+that serves every layer: eager, the MLP's elementwise work (SiLU, products, dropout, the LoRA adds) is a kernel each
+over chunk x intermediate tensors, which cost an H200 18% of a Llama-2-7B step in two chunks of 2,048 tokens.
 
 The chunked MLP saves its input through a separate function (_SaveInput) before it computes anything. Under
 gradient checkpointing the layer's recomputation stops at the last tensor the layer saved (torch's early stop), which
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from qlora.stages.fused_lora import dequantizing_once
+from qlora.stages.fused_lora import dequantized_weights
 
 
 def chunk_mlps(model: nn.Module, chunk_tokens: int, compiled: bool = False) -> int:
@@ -94,7 +93,7 @@ class _ChunkedMLP(torch.autograd.Function):
         ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         flat = x.reshape(-1, x.shape[-1])
-        with dequantizing_once():
+        with dequantized_weights(mlp):
             out = torch.cat([mlp.qlora_chunk_forward(mlp, chunk) for chunk in flat.split(chunk_tokens)])
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -109,7 +108,7 @@ class _ChunkedMLP(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], device_type=x.device.type), \
                 torch.autocast(x.device.type, dtype=dtype, enabled=enabled), torch.enable_grad(), \
-                dequantizing_once():
+                dequantized_weights(ctx.mlp):
             torch.set_rng_state(cpu_rng)
             if device_rng is not None:
                 torch.cuda.set_rng_state(device_rng, x.device)

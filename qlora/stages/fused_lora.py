@@ -11,13 +11,13 @@ forward pass, in its recomputation under gradient checkpointing and in the backw
 
 The same function, fewer kernels and Python calls; dropout keeps only its mask, eight to a byte (the input is saved
 once, shared by the layers that read it): a decoder layer's seven masks are one byte per element of their inputs
-(139 MiB for Llama-2-7B at 4,096 tokens) as torch's booleans, an eighth of it packed. The function returns the base output and the LoRA term apart, and the layer
-adds them, so that under torch.compile Inductor may fuse that add into whatever reads the layer's output next.
-Adding inside the function costs a pass over the output of its own: an addmm into a new tensor first copies the
-base output there, and in place torch 2.11's compile makes every LoRA gradient zero (pytorch/pytorch#180642).
-Inductor still turns some of these adds back into an addmm (measured on an H100: 363 base-output copies per
-Llama-2-7B step where the addmm inside the function made 484). The base weight is dequantized again in the
-backward pass, as bitsandbytes does, so nothing of its size is kept.
+(139 MiB for Llama-2-7B at 4,096 tokens) as torch's booleans, an eighth of it packed. The function returns the base
+output and the LoRA term apart, and the layer adds them, so that under torch.compile Inductor may fuse that add into
+whatever reads the layer's output next. Adding inside the function costs a pass over the output of its own: an addmm
+into a new tensor first copies the base output there, and in place torch 2.11's compile makes every LoRA gradient
+zero (pytorch/pytorch#180642). Inductor still turns some of these adds back into an addmm (measured on an H100: 363
+base-output copies per Llama-2-7B step where the addmm inside the function made 484). The base weight is dequantized
+again in the backward pass, as bitsandbytes does, so nothing of its size is kept.
 
 Under gradient checkpointing a layer's saved tensors live only from its recomputation to its backward pass, which
 follows at once, so there (`performance.reuse_recomputed_weights`) the function keeps the dequantized weight too:
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import types
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Iterator, Optional
 
 import torch
@@ -65,6 +64,7 @@ def fuse_lora_layers(model: nn.Module, keep_for_backward: bool = False, dequanti
         layer.forward = types.MethodType(fused_forward, layer)
         layer.qlora_keep_for_backward = keep_for_backward
         layer.qlora_dequantize_in_torch = dequantize_in_torch
+        layer.qlora_dequantized = None  # the weight dequantized for a chunked pass (dequantized_weights)
     return len(layers)
 
 
@@ -82,7 +82,7 @@ def fused_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     in_torch = layer.qlora_dequantize_in_torch and torch.compiler.is_compiling()
     y, lora = LoRA4bitLinear.apply(flat, layer.lora_A[adapter].weight.to(dtype),
                                    layer.lora_B[adapter].weight.to(dtype), base.weight, quant_state,
-                                   layer.scaling[adapter], p, keep, in_torch)
+                                   layer.scaling[adapter], p, keep, in_torch, layer.qlora_dequantized)
     y = y + lora
     if base.bias is not None:
         y = y + base.bias.to(dtype)
@@ -112,12 +112,15 @@ def fusable(layer: nn.Module) -> bool:
 class LoRA4bitLinear(torch.autograd.Function):
     """x W^T and scaling * (dropout(x) A^T) B^T for a 4-bit W, whose sum is the LoRA layer's output; x is 2-D and
     in the compute dtype. `keep`: save the dequantized W for the backward pass instead of dequantizing again there;
-    `in_torch`: dequantize in torch ops (see _dequantize)."""
+    `in_torch`: dequantize in torch ops (see _dequantize); `given`: W already dequantized (dequantized_weights),
+    used and saved instead."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, keep: bool, in_torch: bool):
-        dequantized = _dequantize(weight, quant_state, x.dtype, in_torch) if keep else None
-        y = x @ dequantized.t() if keep else _base_matmul(x, weight, quant_state, in_torch)
+    def forward(ctx, x, lora_a, lora_b, weight, quant_state, scaling: float, p: float, keep: bool, in_torch: bool,
+                given: Optional[torch.Tensor]):
+        dequantized = given if given is not None else _dequantize(weight, quant_state, x.dtype, in_torch) if keep \
+            else None
+        y = x @ dequantized.t() if dequantized is not None else _base_matmul(x, weight, quant_state, in_torch)
         x_dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
         xa = x_dropped @ lora_a.t()
         lora = (xa * scaling) @ lora_b.t()
@@ -148,7 +151,7 @@ class LoRA4bitLinear(torch.autograd.Function):
             da = dxa.t() @ x_dropped
         if ctx.needs_input_grad[2]:
             db = dy_lora.t() @ (xa * ctx.scaling)
-        return dx, da, db, None, None, None, None, None, None
+        return dx, da, db, None, None, None, None, None, None, None
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -168,31 +171,30 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 @contextmanager
-def dequantizing_once() -> Iterator[None]:
-    """Within it each 4-bit weight is dequantized once and the result reused by every call that needs it: for a
-    layer run on its input in chunks (qlora/stages/chunked_mlp.py), which would otherwise dequantize per chunk."""
-    token = _DEQUANTIZED.set({})
+def dequantized_weights(module: nn.Module) -> Iterator[None]:
+    """Within it every fused LoRA layer of `module` computes with its 4-bit weight dequantized once, on entry, instead
+    of at each call: for a layer run on its input in chunks (qlora/stages/chunked_mlp.py), which would otherwise
+    dequantize per chunk. The weight is an attribute of its layer, which compiled chunks read as an input of their
+    graph (a ContextVar would break the graph: Dynamo cannot trace one). Holds the module's weights in the compute
+    dtype meanwhile (three for an MLP: 0.34 GiB for Llama-3-8B)."""
+    layers = [layer for layer in module.modules()
+              if getattr(layer, "qlora_dequantized", False) is None and fusable(layer)
+              and layer.base_layer.compute_dtype is not None]
+    for layer in layers:
+        weight = layer.base_layer.weight
+        layer.qlora_dequantized = _dequantize_with_bitsandbytes(weight, weight.quant_state,
+                                                                layer.base_layer.compute_dtype)
     try:
         yield
     finally:
-        _DEQUANTIZED.reset(token)
-
-
-# weight id -> (weight, dtype, dequantized) while dequantizing_once is active in this thread (autograd runs the
-# backward pass in threads of its own)
-_DEQUANTIZED: ContextVar[Optional[dict]] = ContextVar("qlora_dequantized", default=None)
-
-
-def _dequantized_once() -> Optional[dict]:
-    """dequantizing_once's results, outside compiled code (the chunked layers it serves run eager; Dynamo cannot
-    trace a ContextVar and would break every compiled layer's graph at each LoRA layer)."""
-    return None if torch.compiler.is_compiling() else _DEQUANTIZED.get()
+        for layer in layers:
+            layer.qlora_dequantized = None
 
 
 def _base_matmul(x: torch.Tensor, weight: torch.Tensor, quant_state, in_torch: bool) -> torch.Tensor:
     """x W^T through bitsandbytes' own op, with its double-quantized statistics, as its Linear4bit does, or
-    from the weight dequantized in torch ops (`in_torch`, see _dequantize), or once (dequantizing_once)."""
-    if in_torch or _dequantized_once() is not None:
+    from the weight dequantized in torch ops (`in_torch`, see _dequantize)."""
+    if in_torch:
         return x @ _dequantize(weight, quant_state, x.dtype, in_torch).t()
     packed = weight.view(-1, 1)
     if not quant_state.nested:
@@ -208,13 +210,7 @@ def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype, in_torch:
     """W in `dtype`: through the same bitsandbytes ops as gemm_4bit dequantizes with, or (`in_torch`, only in a
     compiled layer: eager it would be many kernels) in torch ops, which Inductor fuses into one kernel launched
     from its own code; bitsandbytes' ops are Python functions reached through the dispatcher, two kernels and
-    host time for every weight. Inside dequantizing_once, the first result for this weight and dtype."""
-    memo = _dequantized_once()
-    if memo is not None and not in_torch:
-        found = memo.get(id(weight))
-        if found is None or found[1] != dtype:
-            found = memo[id(weight)] = (weight, dtype, _dequantize_with_bitsandbytes(weight, quant_state, dtype))
-        return found[2]
+    host time for every weight."""
     if in_torch:
         return dequantize_in_torch(weight, quant_state).to(dtype)
     return _dequantize_with_bitsandbytes(weight, quant_state, dtype)

@@ -22,6 +22,7 @@ from qlora.config import PerformanceConfig, TrainConfig, report_destinations
 from qlora.errors import QLoRAError
 from qlora.stages.checkpoints import atomic_trainer_class
 from qlora.stages.host_embeddings import EmbeddingsOnHost, keeps_embeddings_on_host
+from qlora.stages.lm_head import LMHeadGradientInForward
 from qlora.stages.memory import planned_batch_size
 from qlora.stages.offload import OffloadCheckpoints, offloads_checkpoints
 from qlora.stages.processes import uses_fsdp
@@ -174,6 +175,8 @@ def build_trainer(
         trainer.add_callback(OffloadCheckpoints())
     if keeps_embeddings_on_host(config, on_gpu=torch.cuda.is_available(), processes=trainer.args.world_size):
         trainer.add_callback(EmbeddingsOnHost())
+    if config.performance.lm_head_gradient_in_forward:
+        trainer.add_callback(LMHeadGradientInForward())
     trainer.remove_callback(ProgressCallback)  # one bar, ours, with loss, lr, tokens/s and ETA
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(TrainingProgress(rate=rate))
