@@ -209,7 +209,7 @@ def _validate_adapter(path: str, lora: LoraConfig) -> None:
             f"model.adapter={path} was trained with "
             + ", ".join(f"{key}={theirs}" for key, theirs, _ in differing) + " but the lora group says "
             + ", ".join(f"{key}={ours}" for key, _, ours in differing) + ": the continued adapter keeps its shape. "
-            f"Set " + " ".join(f"{key}={theirs}" for key, theirs, _ in differing) + "."
+            "Set " + " ".join(f"{key}={theirs}" for key, theirs, _ in differing) + "."
         )
 
 

@@ -61,6 +61,7 @@ PLAIN, UNSLOTH, QLORA = "plain", "unsloth", "qlora"
 BASELINE_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # CPUs have no fast bf16 4-bit path
 UNSLOTH_WORKER = REPO_ROOT / "scripts" / "benchmarks" / "unsloth_worker.py"
 WORKER_ERROR_LINES = 8  # of a failed worker's output, kept in its row of the report
+PROBE_FIELDS = ("recipe", "seq", "peak_gib", "tokens_per_s", "error")  # what --max-context logs of each probe
 
 
 def main() -> None:
@@ -207,7 +208,11 @@ def longest_context(recipe: str, checkpoint: Path, args: argparse.Namespace, out
     start = getattr(args, "max_context_start", {}).get(recipe, args.seq)
 
     def probe(seq: int) -> dict:
-        return spawn_worker(recipe, checkpoint, args, out, 1, seq)
+        row = spawn_worker(recipe, checkpoint, args, out, 1, seq)
+        if out is not None:  # each probe as it ends: a search cut short by a time limit still says what it found
+            with open(out / "max-context-probes.jsonl", "a") as probes:
+                probes.write(json.dumps({key: row.get(key) for key in PROBE_FIELDS}) + "\n")
+        return row
 
     first = probe(start)
     fitted, failed = (None, first) if "error" in first else (first, None)

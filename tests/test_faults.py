@@ -135,8 +135,8 @@ def test_a_run_that_skips_more_than_its_share_of_steps_fails_and_keeps_its_check
         run_training(config)
     checkpoint = Path(config.training.output_dir) / "checkpoints/checkpoint-4"  # with step 4's update skipped
     # two skips of ten steps are allowed; the fused optimizer's verdict reaches the host a step later
-    assert str(error.value).startswith(f"training stopped at step 5: 3 steps had NaN/inf loss or gradients and were "
-                                       f"skipped, more than training.max_skipped_fraction=0.2 of the run's 10 steps")
+    assert str(error.value).startswith("training stopped at step 5: 3 steps had NaN/inf loss or gradients and were "
+                                       "skipped, more than training.max_skipped_fraction=0.2 of the run's 10 steps")
     assert f"last checkpoint: {checkpoint}." in str(error.value)
     assert (checkpoint / "adapter_model.safetensors").is_file()
     assert not (checkpoint.parent.parent / "adapter").exists()  # a failing run is not passed off as finished

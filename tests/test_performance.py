@@ -2,6 +2,7 @@
 
 import argparse
 import gc
+import json
 import logging
 import math
 import subprocess
@@ -409,6 +410,9 @@ def test_longest_context_of_every_recipe_at_once_on_the_cpu(tmp_path):
     assert "[plain 48] " in done.stdout and "[qlora 32] " in done.stdout  # each worker's lines say whose they are
     report = (tmp_path / "benchmark.md").read_text()
     assert "| plain | 48 |" in report and "| qlora | 48 |" in report and "not comparable" in report
+    probes = [json.loads(line) for line in (tmp_path / "max-context-probes.jsonl").read_text().splitlines()]
+    assert sorted((probe["recipe"], probe["seq"]) for probe in probes) == [("plain", 32), ("plain", 48),
+                                                                           ("qlora", 32), ("qlora", 48)]
 
 
 def test_a_failed_worker_says_why_in_its_row(monkeypatch, capsys):
