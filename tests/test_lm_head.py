@@ -90,3 +90,15 @@ def test_training_with_the_switch_gives_the_losses_without_it(tiny_config, caplo
         assert trl.trainer.utils._ChunkedLogProbFunction is ChunkedLogProbFunction
     assert "the LM head's gradient is computed in the forward pass" in caplog.text
     assert len(losses["true"]) == 6 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_a_trl_without_the_kernels_it_takes_trains_with_its_own_head(monkeypatch, caplog):
+    from trl.kernels import chunked_logprob
+
+    from qlora.stages.lm_head import LMHeadGradientInForward
+
+    monkeypatch.delattr(chunked_logprob, "_backward_kernel")
+    with caplog.at_level(logging.WARNING):
+        LMHeadGradientInForward().on_train_begin(None, None, None)
+    assert trl.trainer.utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    assert "lacks trl.kernels.chunked_logprob._backward_kernel; its own LM head runs" in caplog.text

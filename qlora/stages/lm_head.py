@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import trl
 import trl.trainer.utils
 from transformers import TrainerCallback
 from trl.kernels import ChunkedLogProbFunction
@@ -104,11 +105,28 @@ class LogProbsWithGradient(ChunkedLogProbFunction):
         return grad, None, None, None, None, None, None, None, None
 
 
+# what LogProbsWithGradient takes from TRL: its fused head's function in trl.trainer.utils and the kernels it folds
+# the tiles with (TRL 1.16); a TRL without them trains with its own function
+TRL_NAMES = {trl.trainer.utils: ("_ChunkedLogProbFunction",),
+             trl_kernels: ("TOKEN_CHUNK_SIZE", "OPTIONAL_OUTPUTS", "_BLOCK_SIZE", "_use_triton", "_addmm_fp32",
+                           "_forward_kernel", "_forward_tile", "_backward_kernel", "_backward_tile")}
+
+
+def missing_trl_names() -> list[str]:
+    return [f"{module.__name__}.{name}" for module, names in TRL_NAMES.items() for name in names
+            if not hasattr(module, name)]
+
+
 class LMHeadGradientInForward(TrainerCallback):
     """TRL's fused LM head computes with LogProbsWithGradient from the start of training to its end (TRL's
     trainers call the function through trl.trainer.utils, which is where it is replaced)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
+        missing = missing_trl_names()
+        if missing:
+            log.warning("performance.lm_head_gradient_in_forward: this TRL (%s) lacks %s; its own LM head runs",
+                        trl.__version__, ", ".join(missing))
+            return
         trl.trainer.utils._ChunkedLogProbFunction = LogProbsWithGradient
         log.info("performance.lm_head_gradient_in_forward: the LM head's gradient is computed in the forward pass")
 
