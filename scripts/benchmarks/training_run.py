@@ -202,13 +202,17 @@ class StepTimer(TrainerCallback):
     """
 
     def __init__(self, device: str):
-        self.device, self._marks = device, []
+        self.device, self._marks, self._start = device, [], 0.0
 
     def on_train_begin(self, *_, **__):
+        self._start = time.perf_counter()
         self._mark()
 
-    def on_step_end(self, *_, **__):
+    def on_step_end(self, args, state, control, **kwargs):
         self._mark()
+        # the host's progress (it may run ahead of the GPU): a run cut by a time limit shows how far it came
+        print(f"step {state.global_step}/{state.max_steps} queued at {time.perf_counter() - self._start:.1f} s",
+              flush=True)
 
     def _mark(self) -> None:
         if self.device == "cuda":
