@@ -4,13 +4,13 @@ TRL's fused LM head (trl.kernels.ChunkedLogProbFunction) computes each token's l
 tokens x 32,768 vocabulary entries without the full logits, and in the backward pass computes every tile again to
 turn it into the logits' gradient: the vocabulary projection runs three times per step (forward, again, gradient),
 each 69 TFLOP for Llama-3-8B's 128k vocabulary at 65,536 tokens (0.09 s at an H200's measured matmul peak, not timed
-apart). A token's log-probability depends on its own hidden state only, so its gradient there, d log p(t_i) / d h_i
-= W[t_i] - softmax(z_i) W, is known as soon as the token's logits are, whatever the loss does with the log-
-probability. Here a tile takes fewer tokens and the whole vocabulary (the same number of elements: the same memory),
-TRL's own kernels fold it into the log-probability and turn it into that gradient in place, and one more projection
-gives the gradient of the hidden states, kept (in float32, as TRL accumulates it) for the backward pass, which
-scales each token's row by the gradient reaching its log-probability: two projections instead of three, as unsloth's
-and Liger's losses do.
+apart). A token's log-probability depends on its own hidden state only, so its gradient there, d log p(t_i) / d
+h_i = W[t_i] - softmax(z_i) W, is known as soon as the token's logits are, whatever the loss does with the
+log-probability. Here a tile takes fewer tokens and the whole vocabulary (the same number of elements: the same
+memory), TRL's own kernels fold it into the log-probability and turn it into that gradient in place, and one more
+projection gives the gradient of the hidden states, kept (in float32, as TRL accumulates it) for the backward pass,
+which scales each token's row by the gradient reaching its log-probability: two projections instead of three, as
+unsloth's and Liger's losses do.
 
 Only where that holds and TRL's kernels need nothing else: a frozen head without bias in the compute dtype, hidden
 states that take gradients, and a loss that differentiates the log-probabilities only (SFT, DPO, ORPO, KTO: the
