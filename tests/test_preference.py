@@ -191,10 +191,14 @@ def test_dpo_resumed_after_a_kill_ends_with_the_adapter_of_an_uninterrupted_run(
     assert logged[0] == logged[1] and len(logged[0]) == 5
 
 
-@pytest.mark.parametrize("method, fsdp, metric", [("dpo", False, "rewards/margins"), ("dpo", True, "rewards/margins"),
-                                                   ("orpo", True, "rewards/margins"), ("kto", False, "kl")],
-                         ids=["dpo-ddp", "dpo-fsdp", "orpo-fsdp", "kto-ddp"])
-def test_two_processes_under_accelerate_train_as_one_process_does(tiny_config, tmp_path, method, fsdp, metric):
+# ORPO under FSDP: its reward margins are near zero after 3 steps (-0.016), where FSDP's summation order shows (6e-6
+# apart), and where a LoRA gradient is near zero Adam's step can take either sign under another summation order (one
+# tensor 2.7e-3 apart at most, every other under 5e-4): there a few elements may differ
+@pytest.mark.parametrize("method, fsdp, metric, noisy", [
+    ("dpo", False, "rewards/margins", False), ("dpo", True, "rewards/margins", False),
+    ("orpo", True, "rewards/margins", True), ("kto", False, "kl", False),  # KTO's KL: over both processes
+], ids=["dpo-ddp", "dpo-fsdp", "orpo-fsdp", "kto-ddp"])
+def test_two_processes_under_accelerate_train_as_one_process_does(tiny_config, tmp_path, method, fsdp, metric, noisy):
     from test_processes import failure, launch_two_processes
 
     # FSDP-QLoRA (torch's FSDP on the CPU) stores the 4-bit weights in a dtype it can shard, and gathers the adapter
@@ -204,10 +208,9 @@ def test_two_processes_under_accelerate_train_as_one_process_does(tiny_config, t
     one = Path(run_training(tiny_config(*run, "training.batch_size=8")).run_dir)
     two = launch_two_processes(*run, "training.batch_size=4", "training.output_dir=two", cwd=tmp_path, fsdp=fsdp)
     assert two.returncode == 0, failure(two)
-    logged = [[row[key] for row in map(json.loads, open(path)) for key in ("loss", metric)]  # KTO's KL: over both
+    logged = [[row[key] for row in map(json.loads, open(path)) for key in ("loss", metric)]
               for path in (one / "metrics.jsonl", tmp_path / "two/metrics.jsonl")]
-    # ORPO's reward margins are near zero after 3 steps (-0.016), where FSDP's summation order shows: 6e-6 apart
-    assert len(logged[1]) == 6 and logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-5 if fsdp else 1e-6)
+    assert len(logged[1]) == 6 and logged[1] == pytest.approx(logged[0], rel=1e-4, abs=1e-5 if noisy else 1e-6)
     # looser than SFT's 1e-6: lora_A's gradients are near Adam's eps while lora_B is still almost zero, so the two
     # summation orders (one batch of 8, two of 4 averaged over gloo) differ by up to 1e-5 after 3 steps, 2e-4 under
     # FSDP (its gradients reduced shard by shard, its clipping norm summed over shards); lora_B moved about 7e-3
@@ -215,10 +218,8 @@ def test_two_processes_under_accelerate_train_as_one_process_does(tiny_config, t
     one_adapter, two_adapter = (load_file(run / "adapter/adapter_model.safetensors") for run in (one, tmp_path / "two"))
     assert two_adapter.keys() == one_adapter.keys()
     for name, tensor in one_adapter.items():
-        # all but a few elements alike: where a gradient is near zero Adam's step can take either sign under
-        # another summation order (ORPO under FSDP: one tensor 2.7e-3 apart at most, every other under 5e-4)
         apart = (two_adapter[name] - tensor).abs() > (1e-3 if fsdp else 1e-4)
-        assert apart.sum() <= max(1, apart.numel() // 1000), name
+        assert apart.sum() <= (max(1, apart.numel() // 1000) if noisy else 0), name
     if fsdp:
         assert set(adapter_tensor_names(tmp_path / "two/checkpoints/checkpoint-2")) == one_adapter.keys()
 
