@@ -220,6 +220,10 @@ class PerformanceConfig:
     # logits it has there, instead of projecting onto the vocabulary again in the backward pass
     # (qlora/stages/lm_head.py): two vocabulary projections per step instead of three, in tiles of the same size
     lm_head_gradient_in_forward: bool = True
+    # CUDA's caching allocator grows its segments in place (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,
+    # unless set): freed memory serves a large request wherever it lies, which long sequences need near the
+    # GPU's limit (qlora/stages/allocator.py)
+    expandable_segments: bool = True
     # keep every activation saved for backward in CPU memory (TRL's activation offloading): longer sequences
     # still than offload_checkpoints alone, at a speed cost
     activation_offloading: bool = False

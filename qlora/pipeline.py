@@ -29,6 +29,7 @@ from qlora.data.preference import PreferenceData
 from qlora.errors import TrainingInterrupted
 from qlora.output import quiet_other_processes
 from qlora.stages.adapters import attach_training_adapters
+from qlora.stages.allocator import expand_segments
 from qlora.stages.artifacts import (
     adapter_tensor_names,
     prepare_run_dir,
@@ -99,6 +100,7 @@ class RunSummary:
 
 
 def run_training(config: TrainConfig) -> RunSummary:
+    expand_segments(config.performance.expandable_segments)  # best before anything starts CUDA
     state = process_state()
     share_run_dir(config, state)  # before anything reads training.output_dir
     if not state.is_main_process:  # the run's log is the main process's

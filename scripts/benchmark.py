@@ -276,6 +276,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
     from transformers import set_seed
 
     from qlora.compose import compose_config
+    from qlora.stages.allocator import expand_segments
     from qlora.stages.adapters import attach_training_adapters
     from qlora.stages.faults import step_callbacks
     from qlora.stages.model import (fit_embeddings_to_tokenizer, frozen_weights_dtype, load_quantized_model,
@@ -299,6 +300,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
         *variant_overrides(args.worker),
     ])
     check_performance_support(config.performance, torch.device(device))
+    expand_segments(config.performance.expandable_segments)  # as run_training does (CUDA has started: the cap)
     tokenizer = load_tokenizer(config.model)
     model = load_quantized_model(config.model, config.quantization, torch.device(device))
     fit_embeddings_to_tokenizer(model, tokenizer)

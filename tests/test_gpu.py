@@ -33,6 +33,17 @@ def test_tiny_model_learns_with_the_gpu_recipe_settings(tiny_config):
     assert rows[-1]["peak_memory_gib"] > 0
 
 
+def test_training_allocates_in_expandable_segments(tiny_config, tmp_path):
+    """performance.expandable_segments, once CUDA runs (earlier tests started it): the memory training allocates
+    lies in segments the allocator grows in place."""
+    run_training(tiny_config(*GPU_SETTINGS, "training.max_steps=2", f"training.output_dir={tmp_path}"))
+    torch.cuda.empty_cache()  # the segments left are those allocated since
+    x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    segments = torch.cuda.memory._snapshot()["segments"]
+    assert [s["is_expandable"] for s in segments if s["address"] <= x.data_ptr() < s["address"] + s["total_size"]] \
+        == [True]
+
+
 def test_generate_evaluate_and_merge_on_the_gpu(trained_run, tmp_path):
     from qlora.config import DataConfig, EvaluateConfig, GenerateConfig, MergeConfig
     from qlora.evaluate import evaluate
