@@ -75,7 +75,7 @@ from qlora.stages.processes import describe_global_batch, on_main_process, proce
 from qlora.stages.report import write_report
 from qlora.stages.run_lock import RunDirLock
 from qlora.stages.startup import FirstStepMemory, show_summary, startup_summary, write_summary
-from qlora.stages.trainer import build_trainer, check_performance_support, peak_memory_gib
+from qlora.stages.trainer import build_trainer, check_performance_support, peak_memory_gib, restoring_on_error
 
 log = logging.getLogger("qlora")
 
@@ -181,7 +181,8 @@ def _train(config: TrainConfig, state: PartialState, run_dir: Path, stop: StopOn
     with stage("train", seconds):
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
-        with stop.finishing_first("saving a checkpoint at the end of this step, then stopping"):
+        with stop.finishing_first("saving a checkpoint at the end of this step, then stopping"), \
+                restoring_on_error(trainer):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.received is not None:
         raise _interrupted(stop.received, trainer.state.global_step, run_dir)

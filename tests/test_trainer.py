@@ -102,3 +102,29 @@ def test_report_to_names_a_missing_package_with_the_fix(tiny_config, monkeypatch
     with pytest.raises(QLoRAError, match="training.report_to=comet is not supported"):
         tiny_config("training.report_to=[tensorboard,comet]")
     assert tiny_config("training.report_to=none").training.report_to == "none"
+
+
+def test_training_that_raises_puts_back_the_lm_head_and_the_embedding_table(tiny_config, tmp_path, monkeypatch):
+    """on_train_end does not run when training raises: TRL's LM head function and the input embedding table's
+    place, changed for training, are put back all the same (a notebook or a benchmark goes on in the process)."""
+    import trl.trainer.utils
+    from trl.kernels import ChunkedLogProbFunction
+
+    from qlora.stages import trainer as trainer_stage
+    from qlora.stages.lm_head import LMHeadGradientInForward, LogProbsWithGradient
+
+    monkeypatch.setattr(trainer_stage, "keeps_embeddings_on_host", lambda *args, **kwargs: True)
+    seen = {}
+
+    def fail(self, args, state, control, model=None, **kwargs):
+        seen["head"] = trl.trainer.utils._ChunkedLogProbFunction
+        seen["embedding"] = model.get_input_embeddings()
+        seen["host"] = seen["embedding"].qlora_host
+        raise RuntimeError("a failing step")
+
+    monkeypatch.setattr(LMHeadGradientInForward, "on_step_end", fail, raising=False)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        run_training(tiny_config("training.max_steps=3", f"training.output_dir={tmp_path}"))
+    assert seen["head"] is LogProbsWithGradient and seen["host"] is not None  # as training left them
+    assert trl.trainer.utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    assert seen["embedding"].qlora_host is None

@@ -104,5 +104,9 @@ class EmbeddingsOnHost(TrainerCallback):
                  table.numel() * table.element_size() / 2**30)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.embedding is not None:
+        self.restore()
+
+    def restore(self) -> None:
+        """The table back on its device (also when training raised: trainer.restoring_on_error)."""
+        if self.embedding is not None and getattr(self.embedding, "qlora_host", None) is not None:
             move_back(self.embedding)

@@ -132,4 +132,8 @@ class LMHeadGradientInForward(TrainerCallback):
         log.info("performance.lm_head_gradient_in_forward: the LM head's gradient is computed in the forward pass")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """TRL's own function back (also when training raised: trainer.restoring_on_error)."""
         trl.trainer.utils._ChunkedLogProbFunction = ChunkedLogProbFunction

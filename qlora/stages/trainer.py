@@ -10,7 +10,8 @@ import os
 import resource
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import datasets
 import torch
@@ -188,6 +189,20 @@ def build_trainer(
             if param.requires_grad:
                 param.data = param.data.float()
     return trainer
+
+
+@contextmanager
+def restoring_on_error(trainer: Trainer) -> Iterator[None]:
+    """When training raises, on_train_end never runs: put back what callbacks changed for training (their
+    `restore`: TRL's LM head function, the input embedding table's place), so that the process can go on."""
+    try:
+        yield
+    except BaseException:
+        for callback in trainer.callback_handler.callbacks:
+            restore = getattr(callback, "restore", None)
+            if restore is not None:
+                restore()
+        raise
 
 
 def use_base_as_reference(model: PreTrainedModel) -> None:
