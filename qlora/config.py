@@ -209,10 +209,6 @@ class PerformanceConfig:
     # while training on a GPU (one process), the frozen input embedding table stays in host memory and only the
     # rows of a step's tokens are copied to the GPU (qlora/stages/host_embeddings.py): vocabulary x hidden size less
     embeddings_on_host: bool = True
-    # under gradient checkpointing, each fused MLP down projection saves its input before it computes, so that the
-    # layer's recomputation stops before it instead of running a fifth of the layer's matmul work to throw its
-    # output away (qlora/stages/down_projection.py); the projection itself runs outside the compiled layer
-    skip_down_proj_recompute: bool = True
     # a micro-batch of more tokens than this runs each decoder layer's MLP in chunks of this many tokens, so that
     # no tokens x intermediate-size tensor exists at once (qlora/stages/chunked_mlp.py); 0 runs it whole
     mlp_chunk_tokens: int = 4096

@@ -120,18 +120,6 @@ def test_compiled_layers_compute_the_eager_gradients_on_cuda(tiny_config):
     _assert_same_up_to_bf16(run(compiled=True), run(compiled=False))
 
 
-def test_down_projection_left_out_of_the_recomputation_computes_the_same_on_cuda(tiny_config):
-    """performance.skip_down_proj_recompute with compiled layers (the projection a graph break between them),
-    dropout, gradient checkpointing and autocast: the loss and LoRA gradients of the same layers without it."""
-    from qlora.stages.adapters import attach_training_adapters
-
-    def run(skip):
-        config = tiny_config(*GPU_SETTINGS, "lora.dropout=0.1", f"performance.skip_down_proj_recompute={skip}")
-        return _loss_and_gradients_on_cuda(config, lambda model: attach_training_adapters(model, config))
-
-    _assert_same_up_to_bf16(run(skip=True), run(skip=False))
-
-
 def test_offloaded_checkpoints_compute_the_same_on_cuda(tiny_config):
     """performance.offload_checkpoints with compiled layers and the fused LoRA function: the layer inputs go to
     pinned host memory on a copy stream and come back for the backward pass, which computes the loss and the LoRA

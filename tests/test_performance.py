@@ -34,8 +34,8 @@ def test_schema_defaults_are_on_and_off_turns_every_switch_off(tiny_config):
     assert not off.liger_kernel and off.frozen_weights_float32 and not off.fused_lora
     assert not off.reuse_recomputed_weights and not off.activation_offloading and not off.torch_compile
     assert not off.compiled_dequantize and not off.offload_checkpoints and off.mlp_chunk_tokens == 0
-    assert not off.embeddings_on_host and not off.lm_head_gradient_in_forward and not off.skip_down_proj_recompute
-    assert fast.lm_head_gradient_in_forward and fast.skip_down_proj_recompute
+    assert not off.embeddings_on_host and not off.lm_head_gradient_in_forward
+    assert fast.lm_head_gradient_in_forward
 
 
 def _prepared(config):

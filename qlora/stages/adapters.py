@@ -10,7 +10,6 @@ from transformers import PreTrainedModel
 
 from qlora.config import LoraConfig, TrainConfig, adapter_folder
 from qlora.stages.chunked_mlp import chunk_mlps
-from qlora.stages.down_projection import save_down_proj_inputs_first, skips_down_proj_recompute
 from qlora.stages.fused_lora import fuse_lora_layers, fused_lora, keeps_recomputed_tensors
 from qlora.stages.model import compile_decoder_layers
 
@@ -53,17 +52,13 @@ def _fused(model: peft.PeftModel, fused: bool, keep_for_backward: bool, dequanti
 def attach_training_adapters(model: PreTrainedModel, config: TrainConfig,
                              sharded: bool = False) -> peft.PeftModel:
     """The adapters as a run trains them, with the performance switches that act on the layers: the fused LoRA
-    function (and its reuse of recomputed weights), the down projections left out of the recomputation, the
-    chunked MLPs and the compiled decoder layers. Under FSDP (`sharded`) none applies: FSDP flattens the 4-bit
-    weights the fused function reads, and none is measured there."""
+    function (and its reuse of recomputed weights), the chunked MLPs and the compiled decoder layers. Under FSDP
+    (`sharded`) none applies: FSDP flattens the 4-bit weights the fused function reads, and none is measured there."""
     performance = config.performance
     model = attach_lora(model, config.lora, fused=fused_lora(config) and not sharded,
                         keep_for_backward=keeps_recomputed_tensors(config),
                         dequantize_in_torch=performance.torch_compile and performance.compiled_dequantize,
                         adapter=config.model.adapter)
-    if skips_down_proj_recompute(config) and not sharded:
-        log.info("performance.skip_down_proj_recompute: %d down projections save their input first",
-                 save_down_proj_inputs_first(model))
     if performance.mlp_chunk_tokens and not sharded:
         log.info("performance.mlp_chunk_tokens: %d MLPs run in chunks of %d tokens on longer micro-batches",
                  chunk_mlps(model, performance.mlp_chunk_tokens, compiled=performance.torch_compile),

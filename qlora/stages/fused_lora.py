@@ -134,33 +134,24 @@ class LoRA4bitLinear(torch.autograd.Function):
     def backward(ctx, dy, dy_lora):  # both the layer output's gradient: the layer adds the two outputs
         x, packed_mask, xa, lora_a, lora_b, dequantized = ctx.saved_tensors
         mask = None if packed_mask is None else unpack_bits(packed_mask, x.shape)
-        return lora_gradients(ctx, dy, dy_lora, x, mask, xa, lora_a, lora_b, dequantized) + (None,) * 7
-
-
-def lora_gradients(ctx, dy: torch.Tensor, dy_lora: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor],
-                   xa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   dequantized: Optional[torch.Tensor]) -> tuple:
-    """The gradients of x, A and B (LoRA4bitLinear's docstring), as far as `ctx.needs_input_grad` asks for them
-    (x, A, B first); `ctx` holds weight, quant_state, scaling, keep_scale (1 / (1 - p)) and in_torch, and
-    `dequantized` is W where it was kept."""
-    dy, dy_lora = dy.to(x.dtype), dy_lora.to(x.dtype)
-    dxa = dy_lora @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
-    dx = da = db = None
-    if ctx.needs_input_grad[0]:
-        if dequantized is not None:
-            weight = dequantized
-        else:
-            weight = _dequantize(ctx.weight, ctx.quant_state, dy.dtype, ctx.in_torch)
-        dx_lora = dxa @ lora_a
-        if mask is not None:
-            dx_lora = torch.ops.aten.native_dropout_backward(dx_lora, mask, ctx.keep_scale)
-        dx = dy @ weight + dx_lora
-    if ctx.needs_input_grad[1]:
-        x_dropped = x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
-        da = dxa.t() @ x_dropped
-    if ctx.needs_input_grad[2]:
-        db = dy_lora.t() @ (xa * ctx.scaling)
-    return dx, da, db
+        dy, dy_lora = dy.to(x.dtype), dy_lora.to(x.dtype)
+        dxa = dy_lora @ (lora_b * ctx.scaling)  # the gradient reaching x A^T
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            if dequantized is not None:
+                weight = dequantized
+            else:
+                weight = _dequantize(ctx.weight, ctx.quant_state, dy.dtype, ctx.in_torch)
+            dx_lora = dxa @ lora_a
+            if mask is not None:
+                dx_lora = torch.ops.aten.native_dropout_backward(dx_lora, mask, ctx.keep_scale)
+            dx = dy @ weight + dx_lora
+        if ctx.needs_input_grad[1]:
+            x_dropped = x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, ctx.keep_scale)
+            da = dxa.t() @ x_dropped
+        if ctx.needs_input_grad[2]:
+            db = dy_lora.t() @ (xa * ctx.scaling)
+        return dx, da, db, None, None, None, None, None, None, None
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
