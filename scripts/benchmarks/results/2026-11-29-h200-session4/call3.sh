@@ -23,7 +23,7 @@ timeout 330 python3 scripts/benchmark.py --model llama2-7b --data sentiment --se
   --recipes plain,qlora --out "$OUT/l2-sentiment-50" > "$OUT/l2-sentiment-50.log" 2>&1 &
 T4=$!
 timeout $((575 - SECONDS)) python3 scripts/benchmark.py --model llama3-8b --recipe llama3_8b --max-context --concurrent \
-  --gpu-memory 24GiB --lora-dropout 0 --steps 2 --warmup 1 --max-context-start unsloth=106496,qlora=139264 \
+  --gpu-memory 24GiB --lora-dropout 0 --steps 2 --warmup 1 --max-context-start unsloth=106496,qlora=135168 \
   --recipes unsloth,qlora --out "$OUT/l3-max-context-24gib" > "$OUT/l3-max-context-24gib.log" 2>&1
 echo "== table 3 rc $? at $SECONDS s"
 cat "$OUT/l3-max-context-24gib/max-context-probes.jsonl"
