@@ -420,7 +420,8 @@ def render_table(rows: list[dict], args: argparse.Namespace) -> str:
             f"{r['peak_gib']:.2f} | {r['load_s']:.1f} | {r['load_peak_gib']:.2f} | {r['footprint_gib']:.2f} | "
             f"{mfu:.1%} | {achieved / tflops:.1%} |"
         )
-    lines += ["", "first losses:"]
+    lines += ["", "trained weights: " + "; ".join(f"{r['recipe']} {'/'.join(r['trained_dtypes'])}" for r in rows
+                                                 if "trained_dtypes" in r), "", "first losses:"]
     for r in rows:
         if "losses" in r:
             lines.append(f"  {r['recipe']:>6}: " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))

@@ -335,6 +335,10 @@ def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
     assert ours["losses"][0] == pytest.approx(plain["losses"][0], rel=0.01)
     assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
     assert variant["losses"][2] != ours["losses"][2]  # its dropout 0.5 applied (B starts at 0: from step 2)
+    # qlora trains its adapters in float32 on the CPU (pipeline's cast for a float32 compute dtype); the report
+    # names each recipe's
+    assert ours["trained_dtypes"] == ["float32"] and plain["trained_dtypes"]
+    assert f"trained weights: plain {'/'.join(plain['trained_dtypes'])}; qlora float32" in report
 
 
 def test_benchmark_dpo_mode_runs_trl_and_qlora_on_the_cpu(tmp_path):

@@ -89,6 +89,10 @@ def measure(args: argparse.Namespace, recipe: Callable, device: str) -> dict:
     else:
         dataset = random_tokens(model.config.vocab_size, args.seq, rows) if args.data == "random" else sentiment(rows)
     trainer = build_trainer(dataset)
+    # the trained (LoRA) weights' dtypes as the trainer has them: an update rounded to bfloat16 is not one in float32,
+    # which shows in the losses of long runs
+    trained_dtypes = sorted({str(param.dtype).removeprefix("torch.") for param in trainer.model.parameters()
+                             if param.requires_grad})
     timer = StepTimer(device)
     trainer.add_callback(timer)
     recorded_losses = record_losses(trainer)
@@ -119,6 +123,7 @@ def measure(args: argparse.Namespace, recipe: Callable, device: str) -> dict:
         "footprint_gib": footprint,
         "flops_per_token": flops_per_token(model.config, args.seq, reference_pass=args.method == "dpo"),
         "losses": [loss.item() for loss in recorded_losses],
+        "trained_dtypes": trained_dtypes,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "gpu_memory_cap_gib": args.gpu_memory / 2**30 if args.gpu_memory else None,
         "versions": versions(),
