@@ -1,9 +1,9 @@
 """CUDA's caching allocator with expandable segments: `performance.expandable_segments`.
 
 torch's caching allocator reserves GPU memory in segments and hands out blocks from them; a freed block stays
-reserved and serves later requests that fit in it. Long sequences allocate tensors of gigabytes (tokens x hidden
-size in float32 is 4.3 GiB at 139,264 tokens of Llama-3-8B) between many smaller ones, and a large request can find
-no free range big enough inside the reserved segments while the process is at its cap: under a 24 GiB cap qlora
+reserved and serves later requests that fit in it. Long sequences allocate tensors of gigabytes (4.3 GiB, 32 KiB
+a token, at 139,264 tokens of Llama-3-8B) between many smaller ones, and a large request can find no free range
+big enough inside the reserved segments while the process is at its cap: under a 24 GiB cap qlora
 ran out of memory at 139,264 tokens with 18.6 GiB allocated and 4.3 GiB requested, the rest of the 22.7 GiB reserved
 in pieces (scripts/benchmarks/results/2026-11-29-h200-session4.md, call 1). With expandable segments a segment grows
 in place by mapping more pages, so freed memory is reused whatever its place (PyTorch's documented

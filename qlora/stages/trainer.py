@@ -9,8 +9,8 @@ import logging
 import os
 import resource
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import datasets
