@@ -205,7 +205,7 @@ def longest_context(recipe: str, checkpoint: Path, args: argparse.Namespace, out
     runs train, or down the same way while they fail, then bisecting between the longest that trained and the
     shortest that failed. Probes stay near a start near the answer: at 100k tokens and more each takes minutes."""
     step = args.max_context_step
-    start = getattr(args, "max_context_start", {}).get(recipe, args.seq)
+    start = args.max_context_start.get(recipe, args.seq)
 
     def probe(seq: int) -> dict:
         row = spawn_worker(recipe, checkpoint, args, out, 1, seq)

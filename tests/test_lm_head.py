@@ -102,3 +102,20 @@ def test_a_trl_without_the_kernels_it_takes_trains_with_its_own_head(monkeypatch
         LMHeadGradientInForward().on_train_begin(None, None, None)
     assert trl.trainer.utils._ChunkedLogProbFunction is ChunkedLogProbFunction
     assert "lacks trl.kernels.chunked_logprob._backward_kernel; its own LM head runs" in caplog.text
+
+
+def test_restore_puts_back_only_what_it_replaced(monkeypatch):
+    """A TRL without the function's name keeps it unset: restore writes TRL's function back only where it was
+    replaced."""
+    from qlora.stages.lm_head import LMHeadGradientInForward, LogProbsWithGradient
+
+    callback = LMHeadGradientInForward()
+    callback.on_train_begin(None, None, None)
+    assert trl.trainer.utils._ChunkedLogProbFunction is LogProbsWithGradient
+    callback.restore()
+    assert trl.trainer.utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    monkeypatch.delattr(trl.trainer.utils, "_ChunkedLogProbFunction")
+    callback = LMHeadGradientInForward()
+    callback.on_train_begin(None, None, None)
+    callback.restore()
+    assert not hasattr(trl.trainer.utils, "_ChunkedLogProbFunction")

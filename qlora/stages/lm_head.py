@@ -30,6 +30,7 @@ from trl.kernels import chunked_logprob as trl_kernels
 
 log = logging.getLogger(__name__)
 
+
 class LogProbsWithGradient(ChunkedLogProbFunction):
     """TRL's ChunkedLogProbFunction, computing d log p / d hidden in the forward pass where it can (module
     docstring); the same arguments and outputs."""
@@ -122,6 +123,9 @@ class LMHeadGradientInForward(TrainerCallback):
     """TRL's fused LM head computes with LogProbsWithGradient from the start of training to its end (TRL's
     trainers call the function through trl.trainer.utils, which is where it is replaced)."""
 
+    def __init__(self):
+        self.replaced = False
+
     def on_train_begin(self, args, state, control, **kwargs):
         missing = missing_trl_names()
         if missing:
@@ -129,11 +133,14 @@ class LMHeadGradientInForward(TrainerCallback):
                         trl.__version__, ", ".join(missing))
             return
         trl.trainer.utils._ChunkedLogProbFunction = LogProbsWithGradient
+        self.replaced = True
         log.info("performance.lm_head_gradient_in_forward: the LM head's gradient is computed in the forward pass")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
 
     def restore(self) -> None:
-        """TRL's own function back (also when training raised: trainer.restoring_on_error)."""
-        trl.trainer.utils._ChunkedLogProbFunction = ChunkedLogProbFunction
+        """TRL's own function back where it was replaced (also when training raised: trainer.restoring_on_error)."""
+        if self.replaced:
+            trl.trainer.utils._ChunkedLogProbFunction = ChunkedLogProbFunction
+            self.replaced = False
