@@ -274,3 +274,21 @@ def test_a_held_out_file_without_pairs_is_skipped_with_one_line(tiny_config, tmp
     assert "sentiment/heldout.jsonl holds no pairs (its columns: instruction, input, output)" in skipped[1]
     assert summary.exact_match_before is None and Path(summary.adapter_dir).is_dir()
     assert len(heldout_pairs(str(PAIRS / "heldout.jsonl"), 4)) == 4  # the tiny_dpo recipe's own pairs are checked
+
+
+def test_held_out_pairs_are_read_once(monkeypatch):
+    """The held-out file is read once, for its columns and its pairs both."""
+    from qlora.data import load
+    from qlora.stages import heldout
+
+    reads, read_rows = [], load.read_rows
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return read_rows(path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "read_rows", counted)
+    monkeypatch.setattr(heldout, "read_rows", counted)
+    pairs = heldout.heldout_pairs(str(PAIRS / "heldout.jsonl"), 4)
+    assert len(pairs) == 4 and set(pairs.column_names) >= {"prompt", "chosen", "rejected"}
+    assert reads == [str(PAIRS / "heldout.jsonl")]

@@ -57,10 +57,10 @@ def load_sft_dataset(path: str, format: str = "auto") -> datasets.Dataset:
 
 
 def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int | None = None,
-                   method: str = "sft") -> FormattedRows:
-    """Load `source`, rename its columns, detect its format (among training.method=`method`'s) and convert each
-    row, raising or skipping bad ones."""
-    read = read_rows(source.path, source.split, on_error)
+                   method: str = "sft", read: Rows | None = None) -> FormattedRows:
+    """Load `source` (or take its rows `read` already, by read_rows), rename its columns, detect its format (among
+    training.method=`method`'s) and convert each row, raising or skipping bad ones."""
+    read = read or read_rows(source.path, source.split, on_error)
     rows, origins = read.dataset, read.origins  # only origins in convert: datasets hashes it for its cache
     renames = {theirs: ours for ours, theirs in asdict(source.columns).items() if theirs and theirs != ours}
     missing = sorted(set(renames) - set(rows.column_names))

@@ -63,14 +63,15 @@ def heldout_pairs(path: Optional[str], samples: int) -> Optional[datasets.Datase
     recipe's data, which data.path may have replaced, and unpaired completions have no second answer to compare."""
     if path is None or samples == 0:
         return None
-    columns = read_rows(path).dataset.column_names
+    read = read_rows(path)
+    columns = read.dataset.column_names
     if not set(matching_formats(columns)) & set(METHOD_FORMATS["dpo"]):
         log.info("held-out check skipped: data.heldout_path=%s holds no pairs (its columns: %s), and the preference "
                  "check compares the two answers of a pair (a recipe's held-out file goes with the recipe's data); "
                  "set data.heldout_path to held-out prompt/chosen/rejected pairs to check them",
                  path, ", ".join(columns))
         return None
-    heldout = load_formatted(DatasetSource(path=path), method="dpo").dataset
+    heldout = load_formatted(DatasetSource(path=path), method="dpo", read=read).dataset
     return heldout.select(range(min(samples, len(heldout))))
 
 
