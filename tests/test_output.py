@@ -31,7 +31,24 @@ def test_bitsandbytes_notice_about_a_kernel_qlora_never_uses_is_dropped_and_its_
 
 def test_verbose_shows_the_libraries_own_output(trained_run, tmp_path):
     _, run_dir = trained_run
-    verbose = run_cli(f"run={run_dir}", "prompt=Is it good?", "max_new_tokens=2", "--verbose", cwd=tmp_path,
-                    command="qlora.generate")
-    assert verbose.returncode == 0, verbose.stderr[-2000:]
-    assert "Loading weights: 100%" in verbose.stderr and "FutureWarning" in verbose.stderr
+    runs = {flag: run_cli(f"run={run_dir}", "prompt=Is it good?", "max_new_tokens=2", *flag, cwd=tmp_path,
+                          command="qlora.generate") for flag in [("--verbose",), ()]}
+    assert all(run.returncode == 0 for run in runs.values()), runs
+    assert "Loading weights: 100%" in runs[("--verbose",)].stderr
+    assert "Loading weights" not in runs[()].stderr
+
+
+def test_verbose_keeps_the_libraries_notices():
+    """Which notices a library release prints changes from one release to the next (transformers 5.25 printed none
+    for this command): a library's deprecation notice passes configure_output(verbose=True), and not False."""
+    from qlora.output import configure_output
+
+    shown = {}
+    for verbose in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            configure_output(verbose)
+            warnings.warn_explicit("`x` is deprecated", FutureWarning, "training_args.py", 1,
+                                   module="transformers.training_args")
+        shown[verbose] = [str(w.message) for w in caught]
+    assert shown == {True: ["`x` is deprecated"], False: []}
