@@ -23,6 +23,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 # supervised fine-tuning, or preference tuning with TRL's DPO, ORPO or KTO trainer
 TRAINING_METHODS = ("sft", "dpo", "orpo", "kto")
 PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+REFERENCE_METHODS = ("dpo", "kto")  # compare the trained model with a reference: the base, adapter off
 SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
 PREFERENCE_FORMATS = ("preference", "implicit_preference", "unpaired_preference")
 DATA_FORMATS = ("auto", *SFT_FORMATS, *PREFERENCE_FORMATS)

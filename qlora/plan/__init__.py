@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from qlora.config import ASSETS_DIR, ModelConfig, TrainConfig
+from qlora.config import ASSETS_DIR, REFERENCE_METHODS, ModelConfig, TrainConfig
 from qlora.errors import QLoRAError
 from qlora.hub import prepare_hub_access
 from qlora.stages.fused_lora import fused_lora, keeps_recomputed_tensors
@@ -204,7 +204,7 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
     if training_method == "orpo":  # the full logits and their gradient, their float32 log-softmax, the NLL's on half
         logits_loss = head_hidden + tokens * arch.vocab_size * (2 * compute + 6)
     reference_pass = 0
-    if training_method in ("dpo", "kto"):
+    if training_method in REFERENCE_METHODS:
         kept = (checkpoints if config.training.gradient_checkpointing else layer * layers) + embedding_and_norm
         # no gradients, no checkpointing: a layer's input and output, one MLP chunk's three intermediate tensors,
         # and the fused head's tile
@@ -240,7 +240,7 @@ def plan_memory(config: TrainConfig, batch_size: Optional[int] = None, seq_len: 
         workspace=dequantized + CUBLAS_WORKSPACE,
         sequences_per_example=sequences,
         reference_pass=reference_pass,
-        reference_adapter=params.lora * 4 if training_method in ("dpo", "kto") and config.model.adapter else 0,
+        reference_adapter=params.lora * 4 if training_method in REFERENCE_METHODS and config.model.adapter else 0,
     )
 
 

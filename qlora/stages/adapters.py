@@ -8,7 +8,7 @@ from typing import Optional
 import peft
 from transformers import PreTrainedModel
 
-from qlora.config import LoraConfig, TrainConfig, adapter_folder
+from qlora.config import REFERENCE_METHODS, LoraConfig, TrainConfig, adapter_folder
 from qlora.stages.chunked_mlp import chunk_mlps
 from qlora.stages.fused_lora import fuse_lora_layers, fused_lora, keeps_recomputed_tensors
 from qlora.stages.model import compile_decoder_layers
@@ -59,10 +59,13 @@ def attach_training_adapters(model: PreTrainedModel, config: TrainConfig,
                         keep_for_backward=keeps_recomputed_tensors(config),
                         dequantize_in_torch=performance.torch_compile and performance.compiled_dequantize,
                         adapter=config.model.adapter)
+    # a reference pass computes without gradients what the trained model computed with them (model.inductor_options)
+    round_like_eager = config.training.method in REFERENCE_METHODS
     if performance.mlp_chunk_tokens and not sharded:
+        chunked = chunk_mlps(model, performance.mlp_chunk_tokens, performance.torch_compile, round_like_eager)
         log.info("performance.mlp_chunk_tokens: %d MLPs run in chunks of %d tokens on longer micro-batches",
-                 chunk_mlps(model, performance.mlp_chunk_tokens, compiled=performance.torch_compile),
-                 performance.mlp_chunk_tokens)
+                 chunked, performance.mlp_chunk_tokens)
     if performance.torch_compile and not sharded:
-        log.info("performance.torch_compile: %d decoder layers compiled", compile_decoder_layers(model))
+        log.info("performance.torch_compile: %d decoder layers compiled",
+                 compile_decoder_layers(model, round_like_eager))
     return model

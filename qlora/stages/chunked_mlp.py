@@ -27,17 +27,19 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.stages.fused_lora import dequantized_weights
+from qlora.stages.model import inductor_options
 
 
-def chunk_mlps(model: nn.Module, chunk_tokens: int, compiled: bool = False) -> int:
+def chunk_mlps(model: nn.Module, chunk_tokens: int, compiled: bool = False, round_like_eager: bool = False) -> int:
     """Run the MLP of every decoder layer in chunks of `chunk_tokens` tokens whenever it gets more, each chunk
-    compiled if `compiled`; returns how many."""
+    compiled if `compiled` (rounding like the eager code if `round_like_eager`: model.inductor_options); returns how
+    many."""
     mlps = [layer.mlp for layer in model.modules()
             if isinstance(layer, GradientCheckpointingLayer) and isinstance(getattr(layer, "mlp", None), nn.Module)]
     for mlp in mlps:
         mlp.forward = types.MethodType(chunked_forward, mlp)
         mlp.qlora_chunk_tokens = chunk_tokens
-        mlp.qlora_chunk_forward = _compiled_chunk_forward() if compiled else _chunk_forward
+        mlp.qlora_chunk_forward = _compiled_chunk_forward(round_like_eager) if compiled else _chunk_forward
     return len(mlps)
 
 
@@ -47,10 +49,10 @@ def _chunk_forward(mlp: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled_chunk_forward():
+def _compiled_chunk_forward(round_like_eager: bool = False):
     """_chunk_forward compiled once for every layer's MLP (the modules are its arguments, as in the compiled
     decoder layers), on first use."""
-    return torch.compile(_chunk_forward)
+    return torch.compile(_chunk_forward, options=inductor_options(round_like_eager))
 
 
 def chunked_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

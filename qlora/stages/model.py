@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from peft import prepare_model_for_kbit_training
@@ -259,14 +259,23 @@ def keep_4bit_layout(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
+def compile_decoder_layers(model: nn.Module, round_like_eager: bool = False) -> int:
     """performance.torch_compile: compile every decoder layer in place, each on its own, so that one compilation
     serves all the layers and the gradient checkpoint around each layer stays outside the compiled code; returns
-    how many."""
+    how many. `round_like_eager`: see inductor_options."""
     layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
     for layer in layers:
-        layer.compile()
+        layer.compile(options=inductor_options(round_like_eager))
     return len(layers)
+
+
+def inductor_options(round_like_eager: bool) -> Optional[dict]:
+    """Inductor keeps a fused kernel's intermediate values in float32 where the eager code casts them to bfloat16
+    (the norms' output before their weight, with the frozen weights in bfloat16), and fuses a layer's graph with
+    gradients otherwise than its graph without: the two then compute other values. `round_like_eager` rounds at
+    every cast as the eager code does (emulate_precision_casts), so that a preference method's reference pass (no
+    gradients, adapter off) computes what the trained model computed at the start: DPO's first rewards are zero."""
+    return {"emulate_precision_casts": True} if round_like_eager else None
 
 
 def frozen_weights_dtype(performance: PerformanceConfig, quantization: QuantizationConfig) -> torch.dtype:
