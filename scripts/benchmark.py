@@ -21,7 +21,9 @@ documents (scripts/benchmarks/unsloth_worker.py), run with its own packages (--u
 where they are not installed). qlora's recipe is `+recipe=<--recipe>` with only the batch, the sequence length and
 the step count set, so every default of the recipe (its performance switches included) is what gets measured;
 `--override` adds overrides to it, and a recipe named `qlora:KEY=VALUE;KEY=VALUE` is qlora with those overrides
-besides (a variant measured in the same call).
+besides (a variant measured in the same call). `RECIPE@N` (e.g. `plain@1`) reseeds torch's generators with N just
+before training: other dropout masks, the same LoRA initialisation, data and order, so that `plain,plain@1` shows how
+far dropout alone moves the per-step losses (the floor for comparing two recipes' losses at dropout > 0).
 
 `--method dpo` measures DPO instead, on pairs whose chosen and rejected sides are --seq tokens each (tokens/s counts
 both): the plain recipe is TRL's documented DPOTrainer + peft one (the 4-bit model and a LoraConfig handed to
@@ -55,7 +57,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts" / "benchmarks"))
 from make_random_checkpoint import random_checkpoint  # noqa: E402
 from trace_gaps import load_events, render_gaps, step_gaps  # noqa: E402
 from training_run import (ASSETS_DIR, SHARED_HYPERPARAMETERS, add_worker_arguments, cap_gpu_memory,  # noqa: E402
-                          measure, worker_command)
+                          measure, split_seed, worker_command)
 
 PLAIN, UNSLOTH, QLORA = "plain", "unsloth", "qlora"
 BASELINE_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # CPUs have no fast bf16 4-bit path
@@ -68,7 +70,7 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         cap_gpu_memory(args.gpu_memory)
-        result = measure(args, plain_recipe if args.worker == PLAIN else qlora_recipe,
+        result = measure(args, plain_recipe if split_seed(args.worker)[0] == PLAIN else qlora_recipe,
                          "cuda" if torch.cuda.is_available() else "cpu")
         Path(args.result_file).write_text(json.dumps(result))
         return
@@ -102,7 +104,8 @@ def parse_args() -> argparse.Namespace:
     add_worker_arguments(parser)
     parser.add_argument("--recipe", default=None, help="qlora recipe (default: llama7b, tiny for --model tiny)")
     parser.add_argument("--recipes", default=f"{PLAIN},{UNSLOTH},{QLORA}", type=lambda s: s.split(","),
-                        help="which recipes, in order; qlora:KEY=VALUE;KEY=VALUE is a qlora variant")
+                        help="which recipes, in order; qlora:KEY=VALUE;KEY=VALUE is a qlora variant; RECIPE@N "
+                             "starts its training from seed N (other dropout masks, the same initialisation and data)")
     parser.add_argument("--override", action="append", default=[], help="extra qlora override (repeatable)")
     parser.add_argument("--unsloth-path", default=os.environ.get("QLORA_UNSLOTH_PATH", "/tmp/site_unsloth"),
                         help="the Python path that holds unsloth and the versions it pins")
@@ -142,13 +145,14 @@ def available_recipes(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The recipes asked for that can run here, and a note for each that cannot."""
     recipes, notes = [], []
     for recipe in args.recipes:
-        if recipe == UNSLOTH and args.method == "dpo":
-            notes.append("unsloth: not run, this benchmark has no DPO mode for it")
-        elif recipe == UNSLOTH and not unsloth_installed(args.unsloth_path):
-            notes.append(f"unsloth: not run, it is not installed in --unsloth-path={args.unsloth_path} "
+        unsloth = split_seed(recipe)[0] == UNSLOTH
+        if unsloth and args.method == "dpo":
+            notes.append(f"{recipe}: not run, this benchmark has no DPO mode for it")
+        elif unsloth and not unsloth_installed(args.unsloth_path):
+            notes.append(f"{recipe}: not run, it is not installed in --unsloth-path={args.unsloth_path} "
                          f"(../shared/device/README.md says how)")
-        elif recipe == UNSLOTH and not torch.cuda.is_available():
-            notes.append("unsloth: not run, it needs a GPU")
+        elif unsloth and not torch.cuda.is_available():
+            notes.append(f"{recipe}: not run, it needs a GPU")
         else:
             recipes.append(recipe)
     return recipes, notes
@@ -167,9 +171,11 @@ def build_checkpoint(model: str) -> Path:
 
 def spawn_worker(recipe: str, checkpoint: Path, args: argparse.Namespace, out: Path, batch: int, seq: int) -> dict:
     result_file = Path(tempfile.mkdtemp(prefix="qlora-benchmark-worker-")) / "result.json"
-    worker_args = worker_command(args, checkpoint, result_file, batch, seq)
-    if recipe == UNSLOTH:  # its own packages only, and unsloth imported before transformers
-        command = [sys.executable, str(UNSLOTH_WORKER), *worker_args]
+    name, seed = split_seed(recipe)
+    worker_args = worker_command(args, checkpoint, result_file, batch, seq) + \
+        ([f"--train-seed={seed}"] if seed is not None else [])
+    if name == UNSLOTH:  # its own packages only, and unsloth imported before transformers
+        command = [sys.executable, str(UNSLOTH_WORKER), *worker_args, "--worker", recipe]
         env = {**os.environ, "PYTHONPATH": args.unsloth_path, "HF_HUB_OFFLINE": "1"}
     else:
         command = [sys.executable, __file__, "--worker", recipe, *worker_args, "--model", args.model, "--out", str(out)]
@@ -297,7 +303,7 @@ def qlora_recipe(args: argparse.Namespace, device: str):
         f"training.warmup_ratio={SHARED_HYPERPARAMETERS['warmup_steps']}",
         f"training.max_grad_norm={SHARED_HYPERPARAMETERS['max_grad_norm']}", f"training.method={args.method}",
         *([] if device == "cuda" else ["training.optim=adamw_torch"]), *args.override,
-        *variant_overrides(args.worker),
+        *variant_overrides(split_seed(args.worker)[0]),
     ])
     check_performance_support(config.performance, torch.device(device))
     expand_segments(config.performance.expandable_segments)  # as run_training does (CUDA has started: the cap)

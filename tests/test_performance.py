@@ -312,22 +312,29 @@ def test_torch_compile_excludes_liger(tiny_config):
 def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
     """scripts/benchmark.py still works end to end; on the CPU only correctness is checked, not speed. unsloth is
     not installed here (nor would it run without a GPU): the report says so and the others run; a qlora variant
-    (qlora:KEY=VALUE) runs with its overrides."""
+    (qlora:KEY=VALUE) runs with its overrides; RECIPE@N starts training from seed N: other dropout masks, the same
+    initialisation and data."""
+    variant_name = "qlora:lora.dropout=0.5;performance.mlp_chunk_tokens=16"
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--batch", "2",
          "--steps", "3", "--warmup", "1", "--out", str(tmp_path), "--unsloth-path", str(tmp_path / "none"),
-         "--recipes", "plain,unsloth,qlora,qlora:lora.dropout=0.5;performance.mlp_chunk_tokens=16"],
+         "--recipes", f"plain,unsloth,unsloth@1,qlora,{variant_name},{variant_name}@7,{variant_name}@8"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "benchmark.md").read_text()
     assert "| plain |" in report and "| qlora |" in report
     assert "unsloth: not run, it is not installed in --unsloth-path=" in report
+    assert "unsloth@1: not run, it is not installed in --unsloth-path=" in report
     import json
 
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
-    plain, ours, variant = (next(r for r in rows if r["recipe"] == name)
-                            for name in ("plain", "qlora", "qlora:lora.dropout=0.5;performance.mlp_chunk_tokens=16"))
+    plain, ours, variant, seven, eight = (next(r for r in rows if r["recipe"] == name) for name in (
+        "plain", "qlora", variant_name, f"{variant_name}@7", f"{variant_name}@8"))
+    # B starts at 0, so the first step's loss does not see dropout: the same data and initialisation whatever the
+    # seed; from the second step the masks differ
+    assert variant["losses"][0] == seven["losses"][0] == eight["losses"][0]
+    assert len({variant["losses"][2], seven["losses"][2], eight["losses"][2]}) == 3
     # losses recorded at every step although the trainers log only at the last one (a host read per step would
     # synchronise with the GPU); one time per step
     assert len(plain["losses"]) == len(ours["losses"]) == len(ours["step_seconds"]) == 3

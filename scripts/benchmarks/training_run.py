@@ -49,6 +49,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-peak", action="store_true",
                         help="record what is allocated at each recipe's peak GPU memory, and where (memory_peak.py); "
                              "with torch 2.11 not under compiled layers (qlora:performance.torch_compile=false)")
+    parser.add_argument("--train-seed", type=int, default=None, help=argparse.SUPPRESS)  # a recipe's @N
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -61,6 +62,12 @@ def worker_command(args: argparse.Namespace, checkpoint: Path, result_file: Path
                "--lora-dropout", str(args.lora_dropout), "--data", args.data, "--method", args.method]
     return command + ([f"--gpu-memory={args.gpu_memory}B"] if args.gpu_memory else []) + \
         (["--memory-peak"] if args.memory_peak else [])
+
+
+def split_seed(recipe: str) -> tuple[str, int | None]:
+    """'plain@1' -> ('plain', 1): a recipe, and the seed its training starts from where one is given (measure)."""
+    name, at, seed = recipe.rpartition("@")
+    return (name, int(seed)) if at and seed.isdigit() else (recipe, None)
 
 
 def cap_gpu_memory(cap: int | None) -> None:
@@ -104,6 +111,10 @@ def measure(args: argparse.Namespace, recipe: Callable, device: str) -> dict:
     if recording:
         memory_peak.start_recording()
     row = {"recipe": args.worker, "batch": args.batch, "seq": args.seq}
+    if args.train_seed is not None:
+        # the random state training starts from, and with it the dropout masks; the LoRA initialisation, the data
+        # and its order (data_seed) stay: how far dropout alone moves the losses
+        torch.manual_seed(args.train_seed)
     try:
         (getattr(args, "train", None) or (lambda t: t.train()))(trainer)
     except torch.OutOfMemoryError as error:

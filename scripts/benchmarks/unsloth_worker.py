@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_worker_arguments(parser)
     args = parser.parse_args()
-    args.worker = "unsloth"
+    args.worker = args.worker or "unsloth"
     cap_gpu_memory(args.gpu_memory)
     result = measure(args, unsloth_recipe, "cuda")
     Path(args.result_file).write_text(json.dumps(result))
