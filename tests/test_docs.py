@@ -32,10 +32,10 @@ NOT_RUN = {
     "python -m pytest": "runs this test suite",
     "python scripts/benchmark.py --model llama2-7b --seq 2048 --batch 2": "a 7B benchmark for a GPU",
     "python scripts/benchmark.py --model tiny --seq 32 --batch 2 --steps 3":
-        "run by tests/test_performance.py::test_benchmark_runs_every_recipe_on_the_cpu",
+        "run by tests/test_benchmark.py::test_benchmark_runs_every_recipe_on_the_cpu",
     "python scripts/benchmark.py --model llama3-8b --recipe llama3_8b --max-context --seq 16384 --gpu-memory 24GiB":
-        "an 8B benchmark for a GPU; its search by tests/test_performance.py::test_longest_context_doubles_then_"
-        "bisects_to_the_step",
+        "an 8B benchmark for a GPU; its search by tests/test_benchmark.py::test_longest_context_steps_out_by_"
+        "doubling_steps_then_bisects",
     "tensorboard --logdir outputs": "starts a web server",
     "python -m qlora.train +recipe=llama7b_dpo 'model.adapter=outputs/llama7b/<date_time>' data.path=pairs.jsonl":
         "continues a Llama-2-7B SFT run, which a CPU test machine cannot train",
