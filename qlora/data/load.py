@@ -60,7 +60,8 @@ def load_formatted(source: DatasetSource, on_error: str = "raise", num_proc: int
                    method: str = "sft", read: Rows | None = None) -> FormattedRows:
     """Load `source` (or take its rows `read` already, by read_rows), rename its columns, detect its format (among
     training.method=`method`'s) and convert each row, raising or skipping bad ones."""
-    read = read or read_rows(source.path, source.split, on_error)
+    if read is None:
+        read = read_rows(source.path, source.split, on_error)
     rows, origins = read.dataset, read.origins  # only origins in convert: datasets hashes it for its cache
     renames = {theirs: ours for ours, theirs in asdict(source.columns).items() if theirs and theirs != ours}
     missing = sorted(set(renames) - set(rows.column_names))
