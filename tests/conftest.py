@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from preloaded_python import run_python
 
 from qlora.config import TrainConfig
 from qlora.compose import compose_config
@@ -52,16 +53,20 @@ def dpo_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
 
 
 def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | None = None,
-            env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m COMMAND ARGS` as a user types it, from `cwd`, with `input` as what they type next; `env`
-    changes the environment (None removes a variable, e.g. HF_HUB_OFFLINE, which is set otherwise)."""
+            env: dict[str, str | None] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m COMMAND ARGS` (`python COMMAND ARGS` for a script) as a user types it, from `cwd`, with `input`
+    as what they type next; `env` changes the environment (None removes a variable, e.g. HF_HUB_OFFLINE, which is
+    set otherwise) and then runs a new Python; without it, the process is forked from one that has imported the
+    libraries (preloaded_python.py)."""
     changed = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in LOGGER_ENV:
         changed.pop(name, None)
     full_env = {name: value for name, value in changed.items() if value is not None}
+    if env is None:
+        return run_python(command, list(args), cwd, full_env, input, timeout)
     return subprocess.run(
-        [sys.executable, "-m", command, *args], cwd=cwd, env=full_env, input=input, capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, *([command] if command.endswith(".py") else ["-m", command]), *args], cwd=cwd, env=full_env,
+        input=input, capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -74,13 +79,9 @@ def library_noise(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def run_with_fault(fault: str, step: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run qlora.train ARGS with a fault injected at `step` (see tests/fault_injection.py)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    """Run qlora.train ARGS with a fault injected at `step` (see tests/fault_injection.py), a process of its own."""
     script = Path(__file__).resolve().parent / "fault_injection.py"
-    return subprocess.run(
-        [sys.executable, str(script), fault, str(step), *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=600,
-    )
+    return run_cli(fault, str(step), *args, cwd=cwd, command=str(script))
 
 
 def tiny_lora_model(config: TrainConfig, fused: bool = True, keep_for_backward: bool = False,
