@@ -32,15 +32,20 @@ def tiny_config(tmp_path: Path) -> Callable[..., TrainConfig]:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> tuple[TrainConfig, Path]:
-    """The tiny recipe's full run (held-out exact match 30/32), shared by the tests that use a
-    finished run: merge, generate."""
-    from qlora.pipeline import run_training
+def default_job(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The tiny recipe's full run as a user types it (held-out exact match 30/32), shared by the test of what it
+    prints and writes and by the tests that use a finished run: merge, generate, evaluate."""
+    folder = tmp_path_factory.mktemp("default-job")
+    result = run_cli("+recipe=tiny", "training.output_dir=run", cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, folder / "run"
 
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    config = compose_config([f"training.output_dir={run_dir}", "eval.exact_match_samples=0"])
-    run_training(config)
-    return config, run_dir
+
+@pytest.fixture(scope="session")
+def trained_run(default_job) -> tuple[TrainConfig, Path]:
+    """The default job's config, as the CLI composes it, and its run folder."""
+    _, run_dir = default_job
+    return compose_config([f"training.output_dir={run_dir}"]), run_dir
 
 
 @pytest.fixture(scope="session")
