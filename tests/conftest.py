@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from preloaded_python import run_python
 
 from qlora.config import TrainConfig
 from qlora.compose import compose_config
@@ -31,15 +32,20 @@ def tiny_config(tmp_path: Path) -> Callable[..., TrainConfig]:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> tuple[TrainConfig, Path]:
-    """The tiny recipe's full run (held-out exact match 30/32), shared by the tests that use a
-    finished run: merge, generate."""
-    from qlora.pipeline import run_training
+def default_job(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The tiny recipe's full run as a user types it (held-out exact match 30/32), shared by the test of what it
+    prints and writes and by the tests that use a finished run: merge, generate, evaluate."""
+    folder = tmp_path_factory.mktemp("default-job")
+    result = run_cli("+recipe=tiny", "training.output_dir=run", cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, folder / "run"
 
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    config = compose_config([f"training.output_dir={run_dir}", "eval.exact_match_samples=0"])
-    run_training(config)
-    return config, run_dir
+
+@pytest.fixture(scope="session")
+def trained_run(default_job) -> tuple[TrainConfig, Path]:
+    """The default job's config, as the CLI composes it, and its run folder."""
+    _, run_dir = default_job
+    return compose_config([f"training.output_dir={run_dir}"]), run_dir
 
 
 @pytest.fixture(scope="session")
@@ -52,16 +58,20 @@ def dpo_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
 
 
 def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | None = None,
-            env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m COMMAND ARGS` as a user types it, from `cwd`, with `input` as what they type next; `env`
-    changes the environment (None removes a variable, e.g. HF_HUB_OFFLINE, which is set otherwise)."""
+            env: dict[str, str | None] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m COMMAND ARGS` (`python COMMAND ARGS` for a script) as a user types it, from `cwd`, with `input`
+    as what they type next; `env` changes the environment (None removes a variable, e.g. HF_HUB_OFFLINE, which is
+    set otherwise) and then runs a new Python; without it, the process is forked from one that has imported the
+    libraries (preloaded_python.py)."""
     changed = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in LOGGER_ENV:
         changed.pop(name, None)
     full_env = {name: value for name, value in changed.items() if value is not None}
+    if env is None:
+        return run_python(command, list(args), cwd, full_env, input, timeout)
     return subprocess.run(
-        [sys.executable, "-m", command, *args], cwd=cwd, env=full_env, input=input, capture_output=True, text=True,
-        timeout=600,
+        [sys.executable, *([command] if command.endswith(".py") else ["-m", command]), *args], cwd=cwd, env=full_env,
+        input=input, capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -74,13 +84,9 @@ def library_noise(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def run_with_fault(fault: str, step: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run qlora.train ARGS with a fault injected at `step` (see tests/fault_injection.py)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    """Run qlora.train ARGS with a fault injected at `step` (see tests/fault_injection.py), a process of its own."""
     script = Path(__file__).resolve().parent / "fault_injection.py"
-    return subprocess.run(
-        [sys.executable, str(script), fault, str(step), *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=600,
-    )
+    return run_cli(fault, str(step), *args, cwd=cwd, command=str(script))
 
 
 def tiny_lora_model(config: TrainConfig, fused: bool = True, keep_for_backward: bool = False,

@@ -22,7 +22,7 @@ def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--batch", "2",
          "--steps", "3", "--warmup", "1", "--out", str(tmp_path), "--unsloth-path", str(tmp_path / "none"),
-         "--recipes", f"plain,unsloth,unsloth@1,qlora,{variant_name},{variant_name}@7,{variant_name}@8"],
+         "--recipes", f"plain,unsloth,unsloth@1,qlora,{variant_name},{variant_name}@7"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -33,12 +33,12 @@ def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
     import json
 
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
-    plain, ours, variant, seven, eight = (next(r for r in rows if r["recipe"] == name) for name in (
-        "plain", "qlora", variant_name, f"{variant_name}@7", f"{variant_name}@8"))
+    plain, ours, variant, seven = (next(r for r in rows if r["recipe"] == name) for name in (
+        "plain", "qlora", variant_name, f"{variant_name}@7"))
     # B starts at 0, so the first step's loss does not see dropout: the same data and initialisation whatever the
     # seed; from the second step the masks differ
-    assert variant["losses"][0] == seven["losses"][0] == eight["losses"][0]
-    assert len({variant["losses"][2], seven["losses"][2], eight["losses"][2]}) == 3
+    assert variant["losses"][0] == seven["losses"][0]
+    assert variant["losses"][2] != seven["losses"][2]
     # losses recorded at every step although the trainers log only at the last one (a host read per step would
     # synchronise with the GPU); one time per step
     assert len(plain["losses"]) == len(ours["losses"]) == len(ours["step_seconds"]) == 3

@@ -8,10 +8,8 @@ import yaml
 from conftest import library_noise, run_cli
 
 
-def test_tiny_recipe_trains_end_to_end(tmp_path):
-    result = run_cli("+recipe=tiny", "training.output_dir=run", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "run"
+def test_tiny_recipe_trains_end_to_end(default_job):
+    result, run_dir = default_job
     for name in ("config.yaml", "environment.json", "metrics.jsonl", "summary.json", "train.log",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
         assert (run_dir / name).is_file(), name

@@ -1,20 +1,15 @@
 """`python -m qlora.data preview`: the first examples with trained tokens marked, and the statistics."""
 
-import os
-import subprocess
-import sys
-
 from transformers import AutoTokenizer
 
+from conftest import run_cli
 from qlora.config import ASSETS_DIR
 from qlora.data.masks import BY_MARKERS
 from qlora.data.preview import MASKED_COLOUR, RESET, TRAINED_COLOUR, preview, render_example
 
 
 def run_preview(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "qlora.data", "preview", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("preview", *args, cwd=cwd, command="qlora.data")
 
 
 def test_preview_of_the_tiny_recipe_marks_the_answer_and_counts(tmp_path):
