@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NOT RUN: session 6 had no device machine (two refused starts, then lending paused). For the next session, on main.
-# Session 5's call3.sh, and beside table 4 a DPO run with --memory-peak (layers eager: torch 2.11 cannot record under
-# compiled checkpointed layers) to find what the plan misses (4.92 GiB planned, 5.69 GiB measured in session 5).
+# Written in session 5 (its call3.sh, not run there either). Added in session 6: beside table 4, a DPO run with
+# --memory-peak (layers eager: torch 2.11 cannot record under compiled checkpointed layers), to find what the plan
+# misses (4.92 GiB planned, 5.69 GiB measured in session 5).
 # Issue 22's must-show 2 again with 742ea20 (DPO compiles its layers to round like the eager code: the first loss must
 # be log 2), timed alone; then issue 17's table 4 with its noise floor, untimed and at once beside the GPU tests: 50
 # steps of the shipped sentiment rows, Llama-2-7B 4 x 512, plain recipe against plain@1 (the same recipe, other dropout

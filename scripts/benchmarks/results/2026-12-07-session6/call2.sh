@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# NOT RUN: session 6 had no device machine. For the next session: session 5's call2.sh, on main with
-# ../2026-12-07-h200-session5/hashed-dropout.patch applied.
+# NOT RUN: session 6 had no device machine. Written in session 5 (its call2.sh, not run there either). For the next
+# session, on main with ../2026-12-07-h200-session5/hashed-dropout.patch applied.
 # Call 2: performance.hashed_dropout again after call 1's compile error (Inductor folded index x 0x9E3779B9 into an
 # indexing expression whose constant overflowed int32; the hash now starts with index xor seed): its CUDA test while
 # the checkpoint builds, then issue 17's table 1 at LoRA dropout 0.05, Llama-2-7B 2 x 2048, qlora with the switch on
