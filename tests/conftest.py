@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from preloaded_python import run_python
 
 from qlora.config import TrainConfig
@@ -61,13 +62,15 @@ def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | No
             env: dict[str, str | None] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m COMMAND ARGS` (`python COMMAND ARGS` for a script) as a user types it, from `cwd`, with `input`
     as what they type next; `env` changes the environment (None removes a variable, e.g. HF_HUB_OFFLINE, which is
-    set otherwise) and then runs a new Python; without it, the process is forked from one that has imported the
-    libraries (preloaded_python.py)."""
+    set otherwise) and then runs a new Python; without it, on a machine without a GPU, the process is forked from
+    one that has imported the libraries (preloaded_python.py)."""
     changed = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in LOGGER_ENV:
         changed.pop(name, None)
     full_env = {name: value for name, value in changed.items() if value is not None}
-    if env is None:
+    # a new Python where the environment changes, and on a GPU machine: the libraries initialise CUDA as they are
+    # imported, and CUDA cannot be initialised again in a forked process
+    if env is None and not torch.cuda.is_available():
         return run_python(command, list(args), cwd, full_env, input, timeout)
     return subprocess.run(
         [sys.executable, *([command] if command.endswith(".py") else ["-m", command]), *args], cwd=cwd, env=full_env,
@@ -93,8 +96,6 @@ def tiny_lora_model(config: TrainConfig, fused: bool = True, keep_for_backward: 
                     checkpointing: bool = True):
     """The tiny model of `config` with LoRA (B random, so that every LoRA term shows in the gradients), prepared for
     k-bit training with or without gradient checkpointing, in training mode."""
-    import torch
-
     from qlora.stages.adapters import attach_lora
     from qlora.stages.model import frozen_weights_dtype, load_quantized_model, prepare_for_kbit_training
 
