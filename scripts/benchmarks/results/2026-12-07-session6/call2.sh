@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_u
   .whl/bitsandbytes*.whl .whl/dill*.whl .whl/multiprocess*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short -rA -k hashed > "$OUT/gpu-tests.log" 2>&1 &
+timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short -rA -k "hashed or generate_evaluate_and_merge" > "$OUT/gpu-tests.log" 2>&1 &
 (cd scripts/benchmarks && python3 -c "from make_random_checkpoint import random_checkpoint as r; r('llama2-7b')" \
   > "$OUT/build.log" 2>&1)
 wait
