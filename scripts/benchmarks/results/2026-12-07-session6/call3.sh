@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# NOT RUN (refused twice in session 6); for the next session, on main.: where DPO's first loss leaves log 2 on CUDA (call 1: 0.7132 with 742ea20). The first
+# NOT RUN (refused twice in session 6); for the next session, on main. Where DPO's first loss leaves log 2 on CUDA
+# (call 1: 0.7132 with 742ea20). The first
 # three losses of qlora's DPO with its defaults, with the LM head's gradient in the forward pass off (the reference's
 # pass uses TRL's chunked function, the policy's qlora's), and with eager layers: one switch each, 3 steps. Beside
 # them, the GPU test whose default job failed in call 1 (forked after CUDA was initialised), with the fix.
