@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-from preloaded_python import run_python
+from preloaded_python import python_argv, run_python
 
 from qlora.config import TrainConfig
 from qlora.compose import compose_config
@@ -73,8 +72,8 @@ def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | No
     if env is None and not torch.cuda.is_available():
         return run_python(command, list(args), cwd, full_env, input, timeout)
     return subprocess.run(
-        [sys.executable, *([command] if command.endswith(".py") else ["-m", command]), *args], cwd=cwd, env=full_env,
-        input=input, capture_output=True, text=True, timeout=timeout,
+        python_argv(command, list(args)), cwd=cwd, env=full_env, input=input, capture_output=True, text=True,
+        timeout=timeout,
     )
 
 

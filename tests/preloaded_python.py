@@ -7,8 +7,8 @@ request's folder, with its stdin, stdout and stderr on files, and reports the ch
 a pipe of its own: libraries print to stdout as they are imported). The child is a process of its own: the module
 state from before any command ran, its own exit code, and the interpreter's exit (threads joined, atexit
 handlers), but for the teardown of every module. Environment variables that the libraries read at import are the
-server's: a client keeps one server per environment. What the libraries print as they are imported is not in a
-command's output.
+server's: a client keeps one server at a time, started again when the environment changes. What the libraries
+print as they are imported is not in a command's output.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def run_python(command: str, args: list[str], cwd: Path, env: dict[str, str], in
         if not reply:
             raise RuntimeError(f"the preloaded Python server ended (exit code {server.wait()})")
         status = json.loads(reply)
-        argv = [sys.executable, *([command] if _is_script(command) else ["-m", command]), *args]
+        argv = python_argv(command, args)
         stdout, stderr = Path(files["stdout"]).read_text(), Path(files["stderr"]).read_text()
     if status["timed_out"]:
         raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
@@ -92,6 +92,11 @@ def _become_command(request: dict, replies) -> None:
 
 def _is_script(command: str) -> bool:
     return command.endswith(".py")
+
+
+def python_argv(command: str, args: list[str]) -> list[str]:
+    """`python -m COMMAND ARGS`, or `python COMMAND ARGS` for a script."""
+    return [sys.executable, *([command] if _is_script(command) else ["-m", command]), *args]
 
 
 def _run_command(request: dict, replies) -> None:
