@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 7, call 1 (on main; pass LIMIT): which qlora switch moves the losses away from the plain recipe's.
 # - Issue 22: DPO's first three losses (Llama-2-7B, pairs of 2 x 1024, 3 steps) with qlora's defaults, with
-#   lm_head_gradient_in_forward=false, torch_compile=false, and every switch off (performance=off).
+#   lm_head_gradient_in_forward=false, torch_compile=false, compiled_dequantize=false, fused_lora=false, and every
+#   switch off (performance=off). The reference pass (adapter off) runs peft's own layers, bitsandbytes' dequantization.
 # - Issue 17, table 4 at LoRA dropout 0 (50 steps of the shipped sentiment rows, 4 x 512): plain, qlora, qlora with
 #   every switch off, and qlora with one switch off (or frozen weights in float32) at a time.
 # - Beside them, the GPU test whose default job failed in session 6's call 1 (forked after CUDA was initialised).
@@ -30,6 +31,8 @@ T4="--data sentiment --seq 512 --batch 4 --steps 50 --warmup 3 --lora-dropout 0 
   echo "dpo-qlora $DPO qlora"
   echo "dpo-lm_head_off $DPO qlora:performance.lm_head_gradient_in_forward=false"
   echo "dpo-compile_off $DPO qlora:performance.torch_compile=false"
+  echo "dpo-compiled_dequantize_off $DPO qlora:performance.compiled_dequantize=false"
+  echo "dpo-fused_lora_off $DPO qlora:performance.fused_lora=false"
   echo "dpo-all_off $DPO qlora:performance=off"
   echo "t4-plain $T4 plain"
   echo "t4-qlora $T4 qlora"
