@@ -178,3 +178,5 @@ def test_dpo_recipes():
     llama = compose_config(["+recipe=llama7b_dpo"])
     assert (llama.training.method, llama.model.name_or_path) == ("dpo", "meta-llama/Llama-2-7b-hf")
     assert (llama.data.max_length, llama.training.batch_size, llama.lora.r) == (1024, 2, 16)
+    # the reference pass and the trained pass through TRL's LM head: the first loss log 2 on an H100 (session 7)
+    assert not llama.performance.lm_head_gradient_in_forward and llama.performance.torch_compile

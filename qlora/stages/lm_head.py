@@ -12,12 +12,9 @@ projection gives the gradient of the hidden states, kept (in float32, as TRL acc
 which scales each token's row by the gradient reaching its log-probability: two projections instead of three, as
 unsloth's and Liger's losses do.
 
-Only where that holds and TRL's kernels need nothing else: a frozen head without bias in the compute dtype, and a
-loss that differentiates the log-probabilities only (SFT, DPO, ORPO, KTO: the entropy is a metric). A pass without
-gradients (DPO's and KTO's reference pass, evaluation) takes the same tiles, without the gradient: the reference
-pass then computes bit for bit the log-probabilities the trained model computed before its first update, so DPO's
-first rewards are zero (with TRL's own tiles there, an H100 measured a first loss of 0.6847 for log 2 = 0.6931).
-Anything else (a trained head, a bias, a head in another dtype) is TRL's function itself.
+Only where that holds and TRL's kernels need nothing else: a frozen head without bias in the compute dtype, hidden
+states that take gradients, and a loss that differentiates the log-probabilities only (SFT, DPO, ORPO, KTO: the
+entropy is a metric). Anything else (the reference pass without gradients, evaluation) is TRL's function itself.
 """
 
 from __future__ import annotations
@@ -44,12 +41,11 @@ class LogProbsWithGradient(ChunkedLogProbFunction):
         device = hidden.device
         compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
             else hidden.dtype
-        whole_vocabulary_tiles = not ctx.needs_input_grad[1] and bias is None and weight.dtype == compute_dtype
-        if not whole_vocabulary_tiles:
-            ctx.in_forward = False
+        ctx.in_forward = (ctx.needs_input_grad[0] and not ctx.needs_input_grad[1] and bias is None
+                          and weight.dtype == compute_dtype)
+        if not ctx.in_forward:
             return ChunkedLogProbFunction.forward(ctx, hidden, weight, bias, targets, temperature, chunk_size,
                                                   final_logit_softcapping, logit_scale, outputs)
-        ctx.in_forward = ctx.needs_input_grad[0]  # False: a pass without gradients, which never runs backward
         ctx.set_materialize_grads(False)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         kernel_args = {"logit_scale": logit_scale, "softcap": final_logit_softcapping or 1.0,
@@ -59,9 +55,8 @@ class LogProbsWithGradient(ChunkedLogProbFunction):
                  for name in ("sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum", "target_logit")}
         running_max = torch.full((n_tokens,), float("-inf"), device=device, dtype=torch.float32)
         max_before_target = torch.full_like(running_max, float("-inf"))
-        if ctx.in_forward:
-            ones = torch.ones(n_tokens, device=device, dtype=torch.float32)  # d log p / d log p: a gradient of one
-            grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32)
+        ones = torch.ones(n_tokens, device=device, dtype=torch.float32)  # d log p / d log p: the gradient of one
+        grad_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32)
         tile_tokens = max(1, trl_kernels.TOKEN_CHUNK_SIZE * chunk_size // vocab)  # TRL's tile size, all the vocabulary
         buffer = torch.empty((min(n_tokens, tile_tokens), vocab), device=device, dtype=compute_dtype)
         triton = trl_kernels._use_triton(device)
@@ -74,8 +69,6 @@ class LogProbsWithGradient(ChunkedLogProbFunction):
             fold(tile, tile.stride(0), targets[rows], running_max[rows], stats["sum_exp"][rows],
                  stats["x_sum_exp"][rows], stats["sq_sum_exp"][rows], stats["z_sum"][rows], max_before_target[rows],
                  stats["target_logit"][rows], 0, vocab, BLOCK_SIZE=trl_kernels._BLOCK_SIZE, **flags, **kernel_args)
-            if not ctx.in_forward:
-                continue
             log_z = running_max[rows] + torch.log(stats["sum_exp"][rows])
             to_gradient = trl_kernels._backward_kernel[(n, -(-vocab // trl_kernels._BLOCK_SIZE))] if triton \
                 else trl_kernels._backward_tile
@@ -93,8 +86,7 @@ class LogProbsWithGradient(ChunkedLogProbFunction):
         mean_logits = stats["z_sum"] / vocab if "mean_logits" in outputs else None
         is_top1 = (stats["target_logit"] >= running_max) & (stats["target_logit"] > max_before_target) \
             if "is_top1" in outputs else None
-        if ctx.in_forward:
-            ctx.save_for_backward(grad_hidden)
+        ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(*(x for x in (log_sum_sq_probs, mean_logits, is_top1) if x is not None))
         return logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1
