@@ -61,7 +61,8 @@ def test_tiny_recipe_uses_shipped_assets():
 def test_command_line_overrides(tmp_path):
     data = tmp_path / "my.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
-    config = compose_config(["lora.r=8", "training.lr=1e-4", f"data.path={data}", "lora.target_modules=[q_proj,v_proj]"])
+    config = compose_config(["lora.r=8", "training.lr=1e-4", f"data.path={data}",
+                             "lora.target_modules=[q_proj,v_proj]"])
     assert (config.lora.r, config.training.lr, config.data.path) == (8, 1e-4, str(data))
     assert config.lora.target_modules == ["q_proj", "v_proj"]
 
