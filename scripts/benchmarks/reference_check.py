@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from transformers import TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--recipe-name", dest="recipe", default=None, help="qlora recipe (default: llama7b_dpo)")
     parser.add_argument("--variant", default="qlora", help="plain, qlora or qlora:KEY=VALUE;KEY=VALUE")
     parser.add_argument("--override", action="append", default=[])
+    parser.add_argument("--label", default=None, help="names the output (default: the variant)")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     args.method, args.steps, args.worker = "dpo", STEPS, args.variant
@@ -173,7 +175,9 @@ def main() -> None:
     trainer.train()
 
     result = {
-        "variant": args.variant, "model": args.model, "batch": args.batch, "seq": args.seq, "decoder_layers": layers,
+        "variant": args.variant, "label": args.label or args.variant,
+        "inductor_deterministic": bool(getattr(inductor_config, "deterministic", None)),
+        "model": args.model, "batch": args.batch, "seq": args.seq, "decoder_layers": layers,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "head_function": [f"{f.__module__}.{f.__qualname__}" for f in head.head_functions],
         "losses": [loss.item() for loss in losses], "log_2": math.log(2),
@@ -183,7 +187,7 @@ def main() -> None:
         "head_functions": head_functions_agree(recorder, trainer.model),
         "versions": versions(),
     }
-    name = re.sub(r"[^\w.-]", "_", args.variant)
+    name = re.sub(r"[^\w.-]", "_", args.label or args.variant)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"reference-check-{name}.json").write_text(json.dumps(result, indent=1))
@@ -191,7 +195,8 @@ def main() -> None:
 
 
 def summary(result: dict) -> str:
-    lines = [f"== {result['variant']}: losses {' '.join(f'{x:.4f}' for x in result['losses'])} "
+    losses = " ".join(f"{x:.4f}" for x in result["losses"])
+    lines = [f"== {result['label']} (Inductor deterministic: {result['inductor_deterministic']}): losses {losses} "
              f"(log 2 = {result['log_2']:.4f}); head {result['head_function']}"]
     for key in ("policy_vs_reference_step1", "policy_step1_vs_step2", "reference_step1_vs_step2"):
         comparison = result[key]

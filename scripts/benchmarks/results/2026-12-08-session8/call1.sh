@@ -1,29 +1,41 @@
 #!/usr/bin/env bash
 # Issue 22: where DPO's reference pass parts from the trained pass (scripts/benchmarks/reference_check.py: the same
 # pair in every batch, two steps; layer inputs, backbone output and log-probabilities of both passes and of both
-# steps), five recipes at once on the GPU (their values count here, not their speed); then the DPO table with
-# recipes/llama7b_dpo.yaml (TRL's LM head, lm_head_gradient_in_forward=false) timed alone, plain against qlora.
+# steps), six runs at once on the GPU (their values count here, not their speed; sharing the GPU also makes the
+# timings Inductor's autotuning picks kernels by noisier). TORCHINDUCTOR_DETERMINISTIC=1: Inductor's deterministic
+# mode (no on-device benchmarking that changes numerics, e.g. a reduction's block size). Then the DPO table timed
+# alone: plain against qlora's recipe (TRL's LM head), and in a second command, in deterministic mode, qlora's
+# recipe and qlora with its LM head.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-START=$(($(date +%s) - SECONDS)); DEADLINE=$((START + ${LIMIT:-420} - 15))
+python3 -c "import torch, torch._inductor.config as c; print(torch.__version__, 'deterministic' in dir(c))"
+START=$(($(date +%s) - SECONDS)); DEADLINE=$((START + ${LIMIT:-540} - 15))
 left() { echo $((DEADLINE - $(date +%s))); }
 (cd scripts/benchmarks && python3 -c "from make_random_checkpoint import random_checkpoint as r; r('llama2-7b')" \
   > "$OUT/build.log" 2>&1)
 echo "== built $SECONDS s"
 ON="performance.lm_head_gradient_in_forward=true"
-i=0
-for variant in plain qlora "qlora:$ON" "qlora:$ON;performance.compiled_dequantize=false" \
-    "qlora:$ON;performance.fused_lora=false"; do
-  i=$((i + 1))
-  timeout 240 python3 scripts/benchmarks/reference_check.py --model llama2-7b --seq 1024 --batch 2 \
-    --variant "$variant" --out "$OUT/check" > "$OUT/check-$i.log" 2>&1 &
-done
+check() {  # LABEL DETERMINISTIC VARIANT
+  TORCHINDUCTOR_DETERMINISTIC=$2 timeout 260 python3 scripts/benchmarks/reference_check.py --model llama2-7b \
+    --seq 1024 --batch 2 --variant "$3" --label "$1" --out "$OUT/check" > "$OUT/check-$1.log" 2>&1
+}
+check plain 0 plain &
+check head-on 0 "qlora:$ON" &
+check head-on-det 1 "qlora:$ON" &
+check recipe 0 qlora &
+check recipe-det 1 qlora &
+check head-on-bnb-dequantize 0 "qlora:$ON;performance.compiled_dequantize=false" &
 wait
-for i in 1 2 3 4 5; do grep -A4 "^== " "$OUT/check-$i.log" || tail -5 "$OUT/check-$i.log"; done
+for label in plain head-on head-on-det recipe recipe-det head-on-bnb-dequantize; do
+  grep -A4 "^== " "$OUT/check-$label.log" || tail -5 "$OUT/check-$label.log"
+done
 echo "== checks done $SECONDS s"
-timeout $(left) python3 scripts/benchmark.py --model llama2-7b --method dpo --seq 1024 --batch 2 --steps 12 \
-  --warmup 4 --recipes plain,qlora --out "$OUT/dpo-2x1024" > "$OUT/dpo-2x1024.log" 2>&1
-grep -v "it/s]\|examples/s]\|queued at" "$OUT/dpo-2x1024.log" | tail -12
+DPO="python3 scripts/benchmark.py --model llama2-7b --method dpo --seq 1024 --batch 2 --steps 12 --warmup 4"
+timeout $(left) $DPO --recipes plain,qlora --out "$OUT/dpo" > "$OUT/dpo.log" 2>&1
+grep -v "it/s]\|examples/s]\|queued at" "$OUT/dpo.log" | tail -8
+echo "== table done $SECONDS s"
+TORCHINDUCTOR_DETERMINISTIC=1 timeout $(left) $DPO --recipes "qlora,qlora:$ON" --out "$OUT/dpo-det" > "$OUT/dpo-det.log" 2>&1
+grep -v "it/s]\|examples/s]\|queued at" "$OUT/dpo-det.log" | tail -8
 echo "== end $SECONDS s"
