@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# NOT RUN: session 8 got no machine (two refused starts, then loans paused). For the next session, on main
+# (LIMIT ~540 s, carry=[".whl"]).
 # Issue 22: where DPO's reference pass parts from the trained pass (scripts/benchmarks/reference_check.py: the same
 # pair in every batch, two steps; layer inputs, backbone output and log-probabilities of both passes and of both
 # steps), six runs at once on the GPU (their values count here, not their speed; sharing the GPU also makes the

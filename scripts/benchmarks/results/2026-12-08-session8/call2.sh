@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# NOT RUN: session 8 got no machine. For the next session, on main (LIMIT ~540 s, carry=[".whl", ".whl-unsloth"]).
 # Issue 17's table 1 (Llama-2-7B, 2 x 2048), at LoRA dropout 0.05 and 0, unsloth against qlora, each recipe timed
 # alone (10 steps, the median of steps 4-10), with ../2026-12-07-h200-session5/hashed-dropout.patch applied on the
 # GPU machine's copy of main (performance.hashed_dropout, on by default there): qlora with the switch on and off at
