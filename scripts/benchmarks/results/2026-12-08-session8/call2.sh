@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # NOT RUN: session 8 got no machine. For the next session, on main (LIMIT ~540 s, carry=[".whl", ".whl-unsloth"]).
 # Issue 17's table 1 (Llama-2-7B, 2 x 2048), at LoRA dropout 0.05 and 0, unsloth against qlora, each recipe timed
-# alone (10 steps, the median of steps 4-10), with ../2026-12-07-h200-session5/hashed-dropout.patch applied on the
+# alone (10 steps, the median of steps 4-10), with hashed-dropout.patch (this folder) applied on the
 # GPU machine's copy of main (performance.hashed_dropout, on by default there): qlora with the switch on and off at
 # dropout 0.05. First the patch's CUDA test while the checkpoint builds.
 set -uo pipefail
-patch -p1 -s < scripts/benchmarks/results/2026-12-07-h200-session5/hashed-dropout.patch || exit 1
+patch -p1 -s < scripts/benchmarks/results/2026-12-08-session8/hashed-dropout.patch || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_unsloth .whl-unsloth/*.whl \
   .whl/bitsandbytes*.whl .whl/dill*.whl .whl/multiprocess*.whl
