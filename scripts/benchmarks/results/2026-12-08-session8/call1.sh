@@ -9,15 +9,9 @@
 # alone: plain against qlora's recipe (TRL's LM head), and in a second command, in deterministic mode, qlora's
 # recipe and qlora with its LM head.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source scripts/benchmarks/device_call.sh
 python3 -c "import torch, torch._inductor.config as c; print(torch.__version__, 'deterministic' in dir(c))"
-START=$(($(date +%s) - SECONDS)); DEADLINE=$((START + ${LIMIT:-540} - 15))
-left() { echo $((DEADLINE - $(date +%s))); }
-(cd scripts/benchmarks && python3 -c "from make_random_checkpoint import random_checkpoint as r; r('llama2-7b')" \
-  > "$OUT/build.log" 2>&1)
-echo "== built $SECONDS s"
+build_checkpoint llama2-7b
 ON="performance.lm_head_gradient_in_forward=true"
 check() {  # LABEL DETERMINISTIC VARIANT
   TORCHINDUCTOR_DETERMINISTIC=$2 timeout 260 python3 scripts/benchmarks/reference_check.py --model llama2-7b \

@@ -5,16 +5,12 @@
 # timing, other reduction orders: pytorch/pytorch#163589, #189121); then the same three with Inductor's deterministic
 # mode, where qlora@1 should repeat qlora exactly. 50 steps, 4 x 512, sentiment; the runs share the GPU (losses count).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-(cd scripts/benchmarks && python3 -c "from make_random_checkpoint import random_checkpoint as r; r('llama2-7b')" \
-  > "$OUT/build.log" 2>&1)
-echo "== built $SECONDS s"
+source scripts/benchmarks/device_call.sh
+build_checkpoint llama2-7b
 T4="python3 scripts/benchmark.py --model llama2-7b --data sentiment --seq 512 --batch 4 --steps 50 --warmup 3 --lora-dropout 0"
 for recipe in plain qlora qlora@1; do
-  timeout $((${LIMIT:-560} - 20 - SECONDS)) $T4 --recipes $recipe --out "/tmp/t4-$recipe" > "$OUT/t4-$recipe.log" 2>&1 &
-  TORCHINDUCTOR_DETERMINISTIC=1 timeout $((${LIMIT:-560} - 20 - SECONDS)) $T4 --recipes $recipe \
+  timeout $(left) $T4 --recipes $recipe --out "/tmp/t4-$recipe" > "$OUT/t4-$recipe.log" 2>&1 &
+  TORCHINDUCTOR_DETERMINISTIC=1 timeout $(left) $T4 --recipes $recipe \
     --out "/tmp/t4-det-$recipe" > "$OUT/t4-det-$recipe.log" 2>&1 &
 done
 wait
@@ -31,6 +27,7 @@ for mode in ("t4", "t4-det"):
         worst = max(abs(a - b) / b for a, b in zip(losses, plain)) if plain else float("nan")
         print(mode, name, " ".join(f"{x:.4f}" for x in losses[:5]), f"largest difference to plain {worst:.2%}")
     if "qlora" in rows and "qlora@1" in rows:
-        print(mode, "qlora@1 vs qlora:", max(abs(a - b) / b for a, b in zip(rows["qlora@1"], rows["qlora"])))
+        apart = max(abs(a - b) / b for a, b in zip(rows["qlora@1"], rows["qlora"]))
+        print(mode, f"qlora@1 against qlora: largest difference {apart:.2%}")
 PY
 echo "== end $SECONDS s"
