@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 # what the commands import (torch, transformers, peft, TRL, datasets, bitsandbytes come with them); never a module
 # that a command runs as __main__ (runpy warns when it was imported before)
@@ -85,9 +86,6 @@ def _become_command(request: dict, replies) -> None:
         os.dup2(opened, fd)
         os.close(opened)
     sys.stdin = open(0, closefd=False)  # the server's sys.stdin may hold requests it read ahead
-    # `python -m` puts the current folder first on the path, `python SCRIPT` the script's folder
-    sys.path[0] = str(Path(request["command"]).parent) if _is_script(request["command"]) else request["cwd"]
-    sys.argv = [request["command"], *request["args"]]
 
 
 def _is_script(command: str) -> bool:
@@ -100,15 +98,23 @@ def python_argv(command: str, args: list[str]) -> list[str]:
 
 
 def _run_command(request: dict, replies) -> None:
-    """In the forked child: run the command, then exit as the interpreter would (threads joined, atexit handlers
-    run, streams flushed) but without tearing down every module, which here would touch, and so copy, the whole
-    heap shared with the server."""
     _become_command(request, replies)
+    finish_command(request["command"], request["args"], request["cwd"])
+
+
+def finish_command(command: str, args: list[str], cwd: str) -> NoReturn:
+    """In a forked child with the command's folder, environment and standard streams: run `python -m COMMAND ARGS`
+    (`python COMMAND ARGS` for a script), then exit as the interpreter would (threads joined, atexit handlers run,
+    streams flushed) but without tearing down every module, which here would touch, and so copy, the whole heap
+    shared with the server."""
+    # `python -m` puts the current folder first on the path, `python SCRIPT` the script's folder
+    sys.path[0] = str(Path(command).parent) if _is_script(command) else cwd
+    sys.argv = [command, *args]
     try:
-        if _is_script(request["command"]):
-            runpy.run_path(request["command"], run_name="__main__")
+        if _is_script(command):
+            runpy.run_path(command, run_name="__main__")
         else:
-            runpy.run_module(request["command"], run_name="__main__", alter_sys=True)
+            runpy.run_module(command, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1

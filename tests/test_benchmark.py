@@ -4,6 +4,7 @@ and its pieces (longest-context search, worker errors, memory peaks, memory size
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import types
@@ -13,7 +14,24 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
+
+@pytest.fixture(scope="module")
+def benchmark_env(tmp_path_factory):
+    """The environment to run scripts/benchmark.py in: it and each of its workers (the same environment, the
+    repository put in front of PYTHONPATH again) run in a process forked from a server that has imported the
+    libraries (tests/fork_server.py), not in a new Python that imports them again."""
+    from fork_server import CLIENT_DIR, SOCKET_VARIABLE, start_server
+
+    socket_path = tmp_path_factory.mktemp("fork-server") / "socket"
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), str(CLIENT_DIR), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", SOCKET_VARIABLE: str(socket_path)}
+    server = start_server(socket_path, env)
+    yield env
+    server.terminate()
+    server.wait()
+
+
+def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path, benchmark_env):
     """scripts/benchmark.py still works end to end; on the CPU only correctness is checked, not speed. unsloth is
     not installed here (nor would it run without a GPU): the report says so and the others run; a qlora variant
     (qlora:KEY=VALUE) runs with its overrides; RECIPE@N starts training from seed N: other dropout masks, the same
@@ -23,7 +41,7 @@ def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--batch", "2",
          "--steps", "3", "--warmup", "1", "--out", str(tmp_path), "--unsloth-path", str(tmp_path / "none"),
          "--recipes", f"plain,unsloth,unsloth@1,qlora,{variant_name},{variant_name}@7"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=benchmark_env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "benchmark.md").read_text()
@@ -52,14 +70,14 @@ def test_benchmark_runs_every_recipe_on_the_cpu(tmp_path):
     assert f"trained weights: plain {'/'.join(plain['trained_dtypes'])}; qlora float32" in report
 
 
-def test_benchmark_dpo_mode_runs_trl_and_qlora_on_the_cpu(tmp_path):
+def test_benchmark_dpo_mode_runs_trl_and_qlora_on_the_cpu(tmp_path, benchmark_env):
     """--method dpo: TRL's documented DPOTrainer + peft recipe beside qlora's, on pairs cut to --seq tokens a side. On
     the CPU only correctness: both train, and both start at loss log 2 (at step 1 the policy is its reference)."""
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--method", "dpo", "--seq",
          "32", "--batch", "2", "--steps", "3", "--warmup", "1", "--out", str(tmp_path),
          "--recipes", "plain,unsloth,qlora"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=benchmark_env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "benchmark.md").read_text()
@@ -112,14 +130,14 @@ def test_max_context_starts_are_parsed_or_refused():
         benchmark.starts("qlora:147456")
 
 
-def test_longest_context_of_every_recipe_at_once_on_the_cpu(tmp_path):
+def test_longest_context_of_every_recipe_at_once_on_the_cpu(tmp_path, benchmark_env):
     """--max-context --concurrent: both recipes' searches run side by side (each probe a process of its own);
     on the CPU nothing runs out of memory, so each search steps up to --max-context-limit."""
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--model", "tiny", "--seq", "32", "--steps", "2",
          "--warmup", "1", "--recipes", "plain,qlora", "--max-context", "--concurrent", "--max-context-limit", "48",
          "--max-context-step", "16", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=benchmark_env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[plain 48] " in done.stdout and "[qlora 32] " in done.stdout  # each worker's lines say whose they are
