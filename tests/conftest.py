@@ -61,15 +61,15 @@ def run_cli(*args: str, cwd: Path, command: str = "qlora.train", input: str | No
             env: dict[str, str | None] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m COMMAND ARGS` (`python COMMAND ARGS` for a script) as a user types it, from `cwd`, with `input`
     as what they type next; `env` changes the environment (None removes a variable, e.g. HF_HUB_OFFLINE, which is
-    set otherwise) and then runs a new Python; without it, on a machine without a GPU, the process is forked from
-    one that has imported the libraries (preloaded_python.py)."""
+    set otherwise). On a machine without a GPU, the process is forked from one that has imported the libraries in
+    the same environment (preloaded_python.py; a new one where the environment changes)."""
     changed = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     for name in LOGGER_ENV:
         changed.pop(name, None)
     full_env = {name: value for name, value in changed.items() if value is not None}
-    # a new Python where the environment changes, and on a GPU machine: the libraries initialise CUDA as they are
-    # imported, and CUDA cannot be initialised again in a forked process
-    if env is None and not torch.cuda.is_available():
+    # a new Python on a GPU machine: the libraries initialise CUDA as they are imported, and CUDA cannot be
+    # initialised again in a forked process
+    if not torch.cuda.is_available():
         return run_python(command, list(args), cwd, full_env, input, timeout)
     return subprocess.run(
         python_argv(command, list(args)), cwd=cwd, env=full_env, input=input, capture_output=True, text=True,

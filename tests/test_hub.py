@@ -8,6 +8,7 @@ that never resolves, as on a machine without a network (CI), where huggingface_h
 import os
 import socket
 import threading
+from urllib.parse import urlparse
 
 import datasets.config
 import pytest
@@ -43,12 +44,26 @@ class LocalHub:
         self.server.close()
 
 
-@pytest.fixture
-def hub():
-    """A Hub that cannot be reached."""
+@pytest.fixture(scope="module")
+def unreachable_hub():
     server = LocalHub(answers=False)
     yield server
     server.close()
+
+
+@pytest.fixture
+def hub(unreachable_hub):
+    """A Hub that cannot be reached, its connections counted from this test on. One for the module: the commands run
+    with the same Hub (HF_ENDPOINT) and cache (HF_HOME), both read at import, share a preloaded server."""
+    unreachable_hub.connections = 0
+    return unreachable_hub
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    """Where the commands' Hugging Face caches go: one folder per Hub, empty while the commands that ask the Hub run
+    (the local-files command, which caches its data there, runs after them)."""
+    return tmp_path_factory.mktemp("hf")
 
 
 @pytest.fixture
@@ -97,22 +112,25 @@ UNREACHABLE = "it is not a local path, the Hugging Face cache does not hold it, 
 UNRESOLVABLE = "http://hub.invalid"  # .invalid never resolves (RFC 2606)
 
 
-def run_without_hub(*args: str, hub: LocalHub | str, cwd, command: str = "qlora.train", offline: bool = False):
-    """`python -m COMMAND ARGS` with `hub` as the Hub (or its URL), an empty Hugging Face cache, HF_HUB_OFFLINE=1
-    only if `offline`; no retry printed."""
+def run_without_hub(*args: str, hub: LocalHub | str, cwd, hf_home, command: str = "qlora.train",
+                    offline: bool = False):
+    """`python -m COMMAND ARGS` with `hub` as the Hub (or its URL), the Hub's Hugging Face cache under `hf_home`,
+    HF_HUB_OFFLINE=1 only if `offline`; no retry printed."""
     url = hub if isinstance(hub, str) else hub.url
-    result = run_cli(*args, cwd=cwd, command=command, env={"HF_ENDPOINT": url, "HF_HOME": str(cwd / "hf"),
-                                                           "HF_HUB_OFFLINE": "1" if offline else None})
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(hf_home / urlparse(url).hostname),
+           "HF_HUB_OFFLINE": "1" if offline else None}
+    result = run_cli(*args, cwd=cwd, command=command, env=env)
     assert "Retrying" not in result.stdout + result.stderr
     assert "thrown while requesting" not in result.stdout + result.stderr
     return result
 
 
-@pytest.mark.parametrize("offline", [False, True], ids=["unreachable", "HF_HUB_OFFLINE=1"])
-def test_a_hub_model_offline_is_one_clear_error_without_retries(hub, tmp_path, offline):
+# in the order that runs the commands of one environment one after another
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE=1", "unreachable"])
+def test_a_hub_model_offline_is_one_clear_error_without_retries(hub, tmp_path, hf_home, offline):
     model = "meta-llama/Llama-2-7b-hf"
     result = run_without_hub(f"model.name_or_path={model}", "training.output_dir=run", hub=hub, cwd=tmp_path,
-                             offline=offline)
+                             hf_home=hf_home, offline=offline)
     reason = "HF_HUB_OFFLINE=1 is set" if offline else f"{hub.url} cannot be reached from this machine"
     assert result.returncode == 2
     assert result.stderr == f"qlora: error: could not load the tokenizer of model.name_or_path={model}: " \
@@ -120,8 +138,9 @@ def test_a_hub_model_offline_is_one_clear_error_without_retries(hub, tmp_path, o
     assert hub.connections == (0 if offline else 1)
 
 
-def test_a_hub_dataset_offline_is_one_clear_error_without_retries(hub, tmp_path):
-    result = run_without_hub("data.path=tatsu-lab/alpaca", "training.output_dir=run", hub=hub, cwd=tmp_path)
+def test_a_hub_dataset_offline_is_one_clear_error_without_retries(hub, tmp_path, hf_home):
+    result = run_without_hub("data.path=tatsu-lab/alpaca", "training.output_dir=run", hub=hub, cwd=tmp_path,
+                             hf_home=hf_home)
     assert result.returncode == 2
     assert result.stderr == "qlora: error: could not load dataset tatsu-lab/alpaca (split train): " + \
         UNREACHABLE.format(reason=f"{hub.url} cannot be reached from this machine",
@@ -129,23 +148,23 @@ def test_a_hub_dataset_offline_is_one_clear_error_without_retries(hub, tmp_path)
     assert hub.connections == 1
 
 
-def test_plan_offline_goes_straight_to_the_shipped_config(hub, tmp_path):
-    result = run_without_hub("recipe=llama7b", hub=hub, cwd=tmp_path, command="qlora.plan")
+def test_plan_offline_goes_straight_to_the_shipped_config(hub, tmp_path, hf_home):
+    result = run_without_hub("recipe=llama7b", hub=hub, cwd=tmp_path, hf_home=hf_home, command="qlora.plan")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "config.json from qlora's shipped copy (meta-llama--Llama-2-7b-hf.json; offline)" in result.stdout
     assert hub.connections == 1
 
 
+def test_a_command_on_local_files_never_asks_the_hub(hub, tmp_path, hf_home):
+    result = run_without_hub("preview", "-n", "1", hub=hub, cwd=tmp_path, hf_home=hf_home, command="qlora.data")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert hub.connections == 0
+
+
 @pytest.mark.parametrize("command, args", [("qlora.train", ["model.name_or_path=meta-llama/Llama-2-7b-hf"]),
                                            ("qlora.plan", ["recipe=llama7b"])])
-def test_a_hub_name_that_does_not_resolve_prints_no_retry(tmp_path, command, args):
-    result = run_without_hub(*args, hub=UNRESOLVABLE, cwd=tmp_path, command=command)
+def test_a_hub_name_that_does_not_resolve_prints_no_retry(tmp_path, hf_home, command, args):
+    result = run_without_hub(*args, hub=UNRESOLVABLE, cwd=tmp_path, hf_home=hf_home, command=command)
     said = result.stdout + result.stderr
     assert UNRESOLVABLE in said and "cannot be reached" in said  # as the log line or the error says it
     assert result.returncode == (2 if command == "qlora.train" else 0), result.stderr[-2000:]
-
-
-def test_a_command_on_local_files_never_asks_the_hub(hub, tmp_path):
-    result = run_without_hub("preview", "-n", "1", hub=hub, cwd=tmp_path, command="qlora.data")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert hub.connections == 0
