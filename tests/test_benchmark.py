@@ -20,8 +20,13 @@ def benchmark_env(tmp_path_factory):
     """The environment to run scripts/benchmark.py in: it and each of its workers (the same environment, the
     repository put in front of PYTHONPATH again) run in a process forked from a server that has imported the
     libraries (tests/fork_server.py), not in a new Python that imports them again."""
+    import torch
+
     from fork_server import CLIENT_DIR, SOCKET_VARIABLE, start_server
 
+    if torch.cuda.is_available():  # the libraries initialise CUDA as they are imported: no forking after that
+        yield {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return
     socket_path = tmp_path_factory.mktemp("fork-server") / "socket"
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), str(CLIENT_DIR), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", SOCKET_VARIABLE: str(socket_path)}
